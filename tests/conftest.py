@@ -1,0 +1,76 @@
+"""Shared helpers: tiny random models of every covered family, and rank launching."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import tp_engine
+
+# One thread per rank: tests run several ranks on two cores.
+RANK_TIMEOUT_S = float(os.environ.get("TP_ENGINE_TEST_TIMEOUT", 300))
+
+# name -> (config class, model class, extra config kwargs). Head counts come from the split.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, attention_bias=True)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(tie_word_embeddings=True)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(tie_word_embeddings=True, sliding_window=5, query_pre_attn_scalar=16,
+             attn_logit_softcapping=20.0, final_logit_softcapping=15.0),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(tie_word_embeddings=True, sliding_window=5, query_pre_attn_scalar=16,
+             layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=15.0),
+    ),
+}
+
+# name -> (world size, shares, Q heads, KV heads). Chosen so each split
+# exercises what its name says (see test_plan for the resulting cuts).
+SPLITS = {
+    "tp2-even": (2, None, 8, 4),         # 4+4 heads, 2 KV heads each
+    "tp3-uneven": (3, None, 10, 5),      # 4+4+2 heads by whole KV groups
+    "tp4-kv-replicated": (4, None, 6, 2),  # 6 Q / 2 KV on 4 ranks: KV heads replicated
+    "shares-3-1": (2, [3, 1], 8, 8),     # 6+2 heads, MLP and vocab 3:1
+}
+
+
+def tiny_model(arch: str, num_q: int, num_kv: int, seed: int = 0, layers: int = 2):
+    """A small random model; weights scaled up so logits are far from ties."""
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_name)(
+        hidden_size=120,
+        intermediate_size=200,
+        num_hidden_layers=layers,
+        num_attention_heads=num_q,
+        num_key_value_heads=num_kv,
+        head_dim=16,
+        vocab_size=257,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    return model
+
+
+def run_ranks(fn, nprocs: int, *args):
+    """Run fn on nprocs local ranks (one thread each); results by rank."""
+    return tp_engine.launch(fn, nprocs, *args, threads_per_rank=1, timeout=RANK_TIMEOUT_S)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

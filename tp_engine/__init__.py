@@ -1,0 +1,19 @@
+"""tp-engine: tensor-parallel inference (and fine-tuning) of Hugging Face models."""
+from .distributed import Runtime, current, init, launch, shutdown
+from .parallelize import parallelize, synchronize_rng
+from .plan import ModelDims, ModelPlan, RankPlan, plan_model
+
+__all__ = [
+    "ModelDims",
+    "ModelPlan",
+    "RankPlan",
+    "Runtime",
+    "current",
+    "init",
+    "launch",
+    "parallelize",
+    "plan_model",
+    "shutdown",
+    "synchronize_rng",
+]
+__version__ = "0.1.0"

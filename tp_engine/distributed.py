@@ -1,0 +1,248 @@
+"""Who am I, how many are we, where do tensors live, and how do we talk.
+
+``init()`` reads the launcher's environment (torchrun today; mpirun through
+``tp_engine.comm``), chooses the device and backend, and returns a
+``Runtime``. ``launch()`` starts local ranks from Python for tests and
+notebooks.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import queue as queue_mod
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .comm.base import Communicator, SingleProcessCommunicator
+from .comm.torch_dist import TorchDistCommunicator
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the tensor-parallel group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    comm: Communicator
+    launcher: str  # "single", "torchrun", "mpirun" or "launch"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_runtime: Runtime | None = None
+
+
+def current() -> Runtime | None:
+    """The runtime set up by ``init()``, or None before it."""
+    return _runtime
+
+
+def choose_device(local_rank: int, requested: str | torch.device | None = None) -> torch.device:
+    """CUDA (one GPU per local rank) if present, else MPS, else CPU."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_backend(device: torch.device, requested: str | None = None) -> str:
+    """NCCL for CUDA; gloo for CPU and for MPS (staged through host memory)."""
+    if requested:
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def torchrun_world_from_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when torchrun-style variables are set."""
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if rank is None or world is None:
+        return None
+    local = _env_int("LOCAL_RANK")
+    return rank, world, rank if local is None else local
+
+
+def timeout_seconds() -> float:
+    """How long a collective may wait for a silent peer (TP_ENGINE_TIMEOUT)."""
+    return float(os.environ.get("TP_ENGINE_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+def init(backend: str | None = None, device: str | torch.device | None = None) -> Runtime:
+    """Join the tensor-parallel group described by the environment.
+
+    Idempotent: later calls return the same Runtime. Without a launcher's
+    variables this is a world of one process.
+    """
+    global _runtime
+    if _runtime is not None:
+        if device is not None and torch.device(device) != _runtime.device:
+            raise ValueError(f"tp_engine.init: already running on {_runtime.device}, not {device}")
+        return _runtime
+
+    world = torchrun_world_from_env()
+    if world is None or world[1] == 1 and not dist.is_initialized():
+        local_rank = 0 if world is None else world[2]
+        _runtime = Runtime(0, 1, local_rank, choose_device(local_rank, device), SingleProcessCommunicator(), "single")
+        return _runtime
+
+    rank, world_size, local_rank = world
+    dev = choose_device(local_rank, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"tp_engine.init: RANK/WORLD_SIZE are set but {var} is not")
+        kwargs: dict[str, Any] = {}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(
+            backend=choose_backend(dev, backend),
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_seconds()),
+            **kwargs,
+        )
+    launcher = os.environ.get("TP_ENGINE_LAUNCHER", "torchrun")
+    _runtime = Runtime(rank, world_size, local_rank, dev, TorchDistCommunicator(), launcher)
+    return _runtime
+
+
+def shutdown() -> None:
+    """Leave the group (tests and ``launch`` call this; scripts may too)."""
+    global _runtime
+    if _runtime is not None:
+        _runtime.comm.close()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+    _runtime = None
+
+
+# ---------------------------------------------------------------- launch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, args, rank, nprocs, port, threads, results) -> None:
+    global _runtime
+    _runtime = None  # a forked child must not inherit the parent's runtime
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TP_ENGINE_LAUNCHER="launch",
+    )
+    torch.set_num_threads(threads)
+    try:
+        value = fn(*args)
+        # Plain pickle: torch's queue reducers would share tensors through
+        # file descriptors that die with this process.
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # report everything, including SystemExit, to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            shutdown()
+        except Exception:
+            pass
+
+
+class RankFailed(RuntimeError):
+    """A rank started by ``launch`` raised or died."""
+
+
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    *args: Any,
+    threads_per_rank: int | None = None,
+    timeout: float | None = None,
+    start_method: str | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``nprocs`` local ranks; return their results by rank.
+
+    Each rank sees torchrun's variables, so ``tp_engine.init()`` inside
+    ``fn`` joins the group. If any rank raises or dies, the others are
+    stopped and RankFailed names the rank and carries its traceback.
+    ``start_method`` defaults to fork on Linux when ranks run one thread
+    (no re-import, and ``args`` need not pickle), else spawn: GNU OpenMP
+    deadlocks in a forked child that starts a thread pool.
+    """
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if threads_per_rank is None:
+        threads_per_rank = max(1, (os.cpu_count() or 1) // nprocs)
+    if start_method is None:
+        start_method = "fork" if sys.platform.startswith("linux") and threads_per_rank == 1 else "spawn"
+    elif start_method == "fork" and threads_per_rank > 1:
+        raise ValueError("launch: start_method='fork' needs threads_per_rank=1 (OpenMP is not fork-safe)")
+    ctx = mp.get_context(start_method)
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, args, r, nprocs, port, threads_per_rank, results), daemon=True)
+        for r in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    deadline = None if timeout is None else datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    values: dict[int, Any] = {}
+    try:
+        while len(values) < nprocs:
+            try:
+                rank, ok, value = results.get(timeout=0.2)
+            except queue_mod.Empty:
+                for r, p in enumerate(procs):
+                    if r not in values and p.exitcode is not None:
+                        # One more look: the result may have landed just now.
+                        try:
+                            rank, ok, value = results.get(timeout=1.0)
+                            break
+                        except queue_mod.Empty:
+                            raise RankFailed(f"rank {r} exited with code {p.exitcode} without a result")
+                else:
+                    if deadline is not None and datetime.datetime.now() > deadline:
+                        raise RankFailed(f"ranks {sorted(set(range(nprocs)) - set(values))} timed out")
+                    continue
+            if not ok:
+                raise RankFailed(f"rank {rank} failed:\n{value}")
+            values[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [values[r] for r in range(nprocs)]
