@@ -1,5 +1,6 @@
 """tp-engine: tensor-parallel inference (and fine-tuning) of Hugging Face models."""
 from .distributed import Runtime, current, init, launch, shutdown
+from .generation import generate
 from .parallelize import parallelize, synchronize_rng
 from .plan import ModelDims, ModelPlan, RankPlan, plan_model
 
@@ -9,6 +10,7 @@ __all__ = [
     "RankPlan",
     "Runtime",
     "current",
+    "generate",
     "init",
     "launch",
     "parallelize",

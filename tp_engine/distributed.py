@@ -14,6 +14,7 @@ import pickle
 import queue as queue_mod
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -182,6 +183,36 @@ class RankFailed(RuntimeError):
     """A rank started by ``launch`` raised or died."""
 
 
+def _drain(results, values: dict, errors: dict, wait: float) -> None:
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            rank, ok, payload = results.get(timeout=max(0.0, end - time.monotonic()))
+        except queue_mod.Empty:
+            return
+        if ok:
+            values[rank] = pickle.loads(payload)
+        else:
+            errors[rank] = payload
+
+
+def _raise_if_failed(procs, values: dict, errors: dict, nprocs: int, deadline: float | None) -> None:
+    dead = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in errors and r not in values}
+    if dead:
+        # A rank that died without a word is the root cause; others' errors follow from it.
+        r, code = min(dead.items())
+        others = f" (then ranks {sorted(errors)} failed)" if errors else ""
+        raise RankFailed(f"rank {r} exited with code {code} without a result{others}")
+    if errors:
+        r = next(iter(errors))  # the first to report; later ones are usually its echo
+        others = f"\n(ranks {sorted(set(errors) - {r})} failed after it)" if len(errors) > 1 else ""
+        raise RankFailed(f"rank {r} failed:\n{errors[r]}{others}")
+    missing = sorted(set(range(nprocs)) - set(values))
+    if missing:
+        reason = "timed out" if deadline is not None and time.monotonic() > deadline else "ended without a result"
+        raise RankFailed(f"ranks {missing} {reason}")
+
+
 def launch(
     fn: Callable[..., Any],
     nprocs: int,
@@ -216,28 +247,32 @@ def launch(
     ]
     for p in procs:
         p.start()
-    deadline = None if timeout is None else datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     values: dict[int, Any] = {}
+    errors: dict[int, str] = {}
     try:
-        while len(values) < nprocs:
+        while len(values) + len(errors) < nprocs:
             try:
-                rank, ok, value = results.get(timeout=0.2)
+                rank, ok, payload = results.get(timeout=0.2)
             except queue_mod.Empty:
-                for r, p in enumerate(procs):
-                    if r not in values and p.exitcode is not None:
-                        # One more look: the result may have landed just now.
-                        try:
-                            rank, ok, value = results.get(timeout=1.0)
-                            break
-                        except queue_mod.Empty:
-                            raise RankFailed(f"rank {r} exited with code {p.exitcode} without a result")
-                else:
-                    if deadline is not None and datetime.datetime.now() > deadline:
-                        raise RankFailed(f"ranks {sorted(set(range(nprocs)) - set(values))} timed out")
-                    continue
-            if not ok:
-                raise RankFailed(f"rank {rank} failed:\n{value}")
-            values[rank] = pickle.loads(value)
+                silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in values and r not in errors]
+                if silent:
+                    _drain(results, values, errors, wait=1.0)  # its message may still be in flight
+                    silent = [r for r in silent if r not in values and r not in errors]
+                    if silent:
+                        break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                continue
+            if ok:
+                values[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
+                # Peers of a failed rank fail next ("connection reset"); give
+                # them a moment so the report can name the rank that failed first.
+                _drain(results, values, errors, wait=2.0)
+                break
+        _raise_if_failed(procs, values, errors, nprocs, deadline)
     finally:
         for p in procs:
             p.join(timeout=5)

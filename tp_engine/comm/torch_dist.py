@@ -36,7 +36,7 @@ class Staged:
         self.tensor = tensor
         self.enabled = enabled
         self.copy_back = copy_back
-        self.host = tensor.detach().to("cpu") if enabled else tensor
+        self.host = tensor.detach().to("cpu", copy=True).contiguous() if enabled else tensor
 
     def __enter__(self) -> torch.Tensor:
         return self.host
