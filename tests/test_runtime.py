@@ -122,3 +122,28 @@ def test_launch_rejects_bad_arguments():
         tp_engine.launch(_whoami, 0, "x")
     with pytest.raises(ValueError, match="fork"):
         tp_engine.launch(_whoami, 2, "x", threads_per_rank=2, start_method="fork")
+
+
+def test_parallelize_refuses_unknown_architecture_and_double_sharding():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import tiny_model
+
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama"):
+        tp_engine.parallelize(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)),
+                              comm=tp_engine.comm.SingleProcessCommunicator())
+    model = tp_engine.parallelize(tiny_model("llama", 4, 2), comm=tp_engine.comm.SingleProcessCommunicator())
+    with pytest.raises(ValueError, match="already sharded"):
+        tp_engine.parallelize(model, comm=tp_engine.comm.SingleProcessCommunicator())
+
+
+def _mismatched_shares():
+    rt = tp_engine.init()
+    from conftest import tiny_model
+
+    tp_engine.parallelize(tiny_model("llama", 8, 8), shares=[1, 1] if rt.rank == 0 else [3, 1])
+
+
+def test_ranks_with_different_shares_fail_together():
+    with pytest.raises(distributed.RankFailed, match="planned a different split"):
+        run_ranks(_mismatched_shares, 2)

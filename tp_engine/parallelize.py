@@ -184,6 +184,8 @@ def parallelize(
         from .distributed import init
 
         comm = init().comm
+    if getattr(model, "tp_engine_plan", None) is not None:
+        raise ValueError("parallelize: this model is already sharded; pass the original model")
     rank = comm.rank if rank is None else rank
     config = model.config
     spec = spec_for(config)

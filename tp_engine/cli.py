@@ -1,0 +1,278 @@
+"""``tp-engine generate | chat | bench``: the engine from a terminal.
+
+Works as a single process, with ``--nproc N`` (starts N local ranks itself),
+under ``torchrun --nproc-per-node N -m tp_engine ...`` and under
+``mpirun -n N python -m tp_engine ...``. Rank 0 prints; every rank loads
+only its own slices of the model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("auto", "gloo", "nccl", "mpi", "shm")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+def parse_shares(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--shares must be comma-separated positive numbers, e.g. 3,1; got {text!r}") from None
+    if not shares or any(not (s > 0 and s != float("inf")) for s in shares):
+        raise UsageError(f"--shares must be comma-separated positive numbers, e.g. 3,1; got {text!r}")
+    return [int(s) if s.is_integer() else s for s in shares]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    common.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    common.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
+    common.add_argument("--nproc", type=int, default=None, help="start this many local ranks")
+    common.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TP_ENGINE_BACKEND", "auto"))
+    common.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    common.add_argument("--max-new-tokens", type=int, default=128)
+    common.add_argument("--temperature", type=float, default=0.7)
+    common.add_argument("--top-p", type=float, default=0.9)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature/top-p)")
+    common.add_argument("--verbose", action="store_true", help="full tracebacks and debug logs")
+
+    parser = argparse.ArgumentParser(prog="tp-engine", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", parents=[common], help="complete a prompt, streamed to stdout")
+    gen.add_argument("prompt", nargs="?", default="What is tensor parallelism? Answer in two sentences.")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    sub.add_parser("chat", parents=[common], help="interactive multi-turn chat")
+    bench = sub.add_parser("bench", parents=[common], help="time to first token and decode speed")
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.greedy and args.temperature <= 0:
+        raise UsageError("--temperature must be positive (use --greedy for deterministic decoding)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    shares = parse_shares(args.shares)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
+    if shares is not None and len(shares) != world:
+        raise UsageError(f"--shares has {len(shares)} entries but there are {world} ranks")
+
+
+def _already_launched() -> bool:
+    return any(v in os.environ for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+def _check_plan_before_spawn(args: argparse.Namespace) -> None:
+    """Refuse an impossible split before starting any rank."""
+    from .loading import load_config
+    from .models import spec_for
+    from .plan import ModelDims, plan_model
+
+    config = load_config(args.model)
+    spec_for(config)
+    plan_model(ModelDims.from_config(config), args.nproc, parse_shares(args.shares))
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    if args.greedy:
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
+
+
+def _prompt_ids(tokenizer, messages_or_text, raw: bool) -> torch.Tensor:
+    if not raw and getattr(tokenizer, "chat_template", None):
+        messages = messages_or_text if isinstance(messages_or_text, list) else [{"role": "user", "content": messages_or_text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        return getattr(ids, "input_ids", ids) if not isinstance(ids, torch.Tensor) else ids
+    return tokenizer(messages_or_text, return_tensors="pt").input_ids
+
+
+def _load(args: argparse.Namespace, rt):
+    from .loading import from_pretrained, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    model = from_pretrained(args.model, dtype=DTYPES[args.dtype], shares=parse_shares(args.shares), device=rt.device)
+    return model, tokenizer
+
+
+def _log(rt, message: str) -> None:
+    if rt.rank == 0:
+        print(f"tp-engine: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_generate(args, rt, model, tokenizer) -> None:
+    from transformers import TextStreamer
+
+    from .generation import generate
+
+    input_ids = _prompt_ids(tokenizer, args.prompt, args.raw).to(rt.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if rt.rank == 0 else None
+    torch.manual_seed(args.seed)
+    generate(model, input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **_generation_kwargs(args))
+
+
+def _share_line(rt, line: str | None) -> str | None:
+    """Rank 0's input line, on every rank (None: end of input)."""
+    data = torch.zeros(1, dtype=torch.int64)
+    if rt.rank == 0:
+        encoded = None if line is None else line.encode()
+        data[0] = -1 if encoded is None else len(encoded)
+    rt.comm.broadcast_(data, src=0)
+    n = int(data[0])
+    if n < 0:
+        return None
+    buf = torch.zeros(n, dtype=torch.uint8)
+    if rt.rank == 0 and n:
+        buf.copy_(torch.tensor(list(line.encode()), dtype=torch.uint8))
+    rt.comm.broadcast_(buf, src=0)
+    return bytes(buf.tolist()).decode()
+
+
+def cmd_chat(args, rt, model, tokenizer) -> None:
+    from transformers import TextStreamer
+
+    from .generation import generate
+
+    messages: list[dict] = []
+    if rt.rank == 0:
+        print("Chat with the model. Empty line or Ctrl-D to quit.", file=sys.stderr, flush=True)
+    torch.manual_seed(args.seed)
+    while True:
+        line = None
+        if rt.rank == 0:
+            try:
+                line = input("> ")
+            except EOFError:
+                line = None
+            if line is not None and not line.strip():
+                line = None
+        line = _share_line(rt, line)
+        if line is None:
+            return
+        messages.append({"role": "user", "content": line})
+        input_ids = _prompt_ids(tokenizer, messages, raw=False).to(rt.device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if rt.rank == 0 else None
+        out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **_generation_kwargs(args))
+        reply = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+class _TokenClock:
+    """A streamer that only timestamps tokens (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.started = False
+
+    def put(self, value) -> None:
+        if self.started:
+            self.times.append(time.perf_counter())
+        self.started = True
+
+    def end(self) -> None:
+        pass
+
+
+def cmd_bench(args, rt, model, tokenizer) -> None:
+    from .generation import generate
+
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = min(len(tokenizer), model.config.vocab_size)
+    input_ids = torch.randint(100, vocab, (1, args.prompt_tokens), generator=g).to(rt.device)
+    n = args.max_new_tokens
+    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    generate(model, input_ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    ttft, decode = [], []
+    for _ in range(args.repeats):
+        clock = _TokenClock()
+        rt.comm.barrier()
+        start = time.perf_counter()
+        generate(model, input_ids, streamer=clock, **kwargs)
+        ttft.append(clock.times[0] - start)
+        decode.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+    if rt.rank == 0:
+        tps = statistics.median(decode)
+        print(f"| ranks | prompt | new tokens | TTFT ms | decode tok/s | ms/token |")
+        print(f"| --- | --- | --- | --- | --- | --- |")
+        print(f"| {rt.world_size} | {args.prompt_tokens} | {n} | {1000 * statistics.median(ttft):.1f} | {tps:.2f} | {1000 / tps:.2f} |")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+        if args.nproc and args.nproc > 1 and not _already_launched():
+            _check_plan_before_spawn(args)
+            from .spawn import run_local_ranks
+
+            return run_local_ranks(_without_nproc(argv), args.nproc)
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line, not a wall of tracebacks
+        if args.verbose or os.environ.get("TP_ENGINE_DEBUG"):
+            raise
+        rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        kind = "" if isinstance(exc, (ValueError, FileNotFoundError, TypeError)) else f"{type(exc).__name__}: "
+        print(f"tp-engine: error{where}: {kind}{exc}".splitlines()[0], file=sys.stderr, flush=True)
+        return 2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .distributed import init, shutdown
+
+    if args.command == "chat":
+        # Other ranks wait on rank 0's keyboard: only a dead peer should end that wait.
+        os.environ.setdefault("TP_ENGINE_TIMEOUT", str(7 * 24 * 3600))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    backend = None if args.backend == "auto" else args.backend
+    rt = init(backend=backend, device=args.device)
+    t0 = time.perf_counter()
+    model, tokenizer = _load(args, rt)
+    _log(rt, f"loaded in {time.perf_counter() - t0:.1f} s on {rt.world_size} rank(s) ({rt.comm.name}, {rt.device})")
+    COMMANDS[args.command](args, rt, model, tokenizer)
+    if rt.rank == 0 and args.command == "generate":
+        print(flush=True)
+    shutdown()
+    return 0
