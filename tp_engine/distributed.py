@@ -92,20 +92,41 @@ def timeout_seconds() -> float:
     return float(os.environ.get("TP_ENGINE_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
+BACKENDS = ("auto", "gloo", "nccl", "mpi", "shm")
+
+
+def _resolve_backend(backend: str | None) -> str:
+    choice = (backend or os.environ.get("TP_ENGINE_BACKEND") or "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r}; choose one of {', '.join(BACKENDS)}")
+    return choice
+
+
 def init(backend: str | None = None, device: str | torch.device | None = None) -> Runtime:
     """Join the tensor-parallel group described by the environment.
 
-    Idempotent: later calls return the same Runtime. Without a launcher's
-    variables this is a world of one process.
+    Launchers: torchrun-style variables (``RANK``, ``WORLD_SIZE``, ...), or
+    Open MPI / PMI variables under ``mpirun``; without either, a world of
+    one process. ``backend`` (or ``TP_ENGINE_BACKEND``): ``auto`` picks MPI
+    through mpi4py under mpirun on CPU, the shared-memory path under
+    torchrun when all ranks share a host, NCCL on CUDA, gloo otherwise.
+    Idempotent: later calls return the same Runtime.
     """
     global _runtime
     if _runtime is not None:
         if device is not None and torch.device(device) != _runtime.device:
             raise ValueError(f"tp_engine.init: already running on {_runtime.device}, not {device}")
         return _runtime
+    choice = _resolve_backend(backend)
+
+    from .comm.mpi import mpi_world_from_env
 
     world = torchrun_world_from_env()
-    if world is None or world[1] == 1 and not dist.is_initialized():
+    launcher = os.environ.get("TP_ENGINE_LAUNCHER", "torchrun")
+    if world is None:
+        world = mpi_world_from_env()
+        launcher = "mpirun"
+    if world is None or (world[1] == 1 and not dist.is_initialized()):
         local_rank = 0 if world is None else world[2]
         _runtime = Runtime(0, 1, local_rank, choose_device(local_rank, device), SingleProcessCommunicator(), "single")
         return _runtime
@@ -114,23 +135,67 @@ def init(backend: str | None = None, device: str | torch.device | None = None) -
     dev = choose_device(local_rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
-                raise RuntimeError(f"tp_engine.init: RANK/WORLD_SIZE are set but {var} is not")
-        kwargs: dict[str, Any] = {}
-        if dev.type == "cuda":
-            kwargs["device_id"] = dev
-        dist.init_process_group(
-            backend=choose_backend(dev, backend),
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_seconds()),
-            **kwargs,
-        )
-    launcher = os.environ.get("TP_ENGINE_LAUNCHER", "torchrun")
-    _runtime = Runtime(rank, world_size, local_rank, dev, TorchDistCommunicator(), launcher)
+    if launcher == "mpirun":
+        comm = _mpirun_communicator(choice, dev, rank, world_size)
+    else:
+        comm = _torchrun_communicator(choice, dev, rank, world_size)
+    _runtime = Runtime(rank, world_size, local_rank, dev, comm, launcher)
     return _runtime
+
+
+def _init_torch_distributed(torch_backend: str, dev: torch.device, rank: int, world_size: int) -> None:
+    if dist.is_initialized():
+        return
+    if torch_backend == "mpi" and not dist.is_mpi_available():
+        raise ValueError(
+            "this torch build has no MPI backend; launch with mpirun to use MPI through mpi4py"
+        )
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(f"tp_engine.init: RANK/WORLD_SIZE are set but {var} is not")
+    kwargs: dict[str, Any] = {}
+    if dev.type == "cuda" and torch_backend == "nccl":
+        kwargs["device_id"] = dev
+    dist.init_process_group(
+        backend=torch_backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_seconds()),
+        **kwargs,
+    )
+
+
+def _torchrun_communicator(choice: str, dev: torch.device, rank: int, world_size: int) -> Communicator:
+    if choice in ("auto", "shm"):
+        _init_torch_distributed(choose_backend(dev), dev, rank, world_size)
+        fallback = TorchDistCommunicator()
+        if dev.type != "cpu":
+            if choice == "shm":
+                raise ValueError(f"the shm backend moves CPU tensors only, not {dev.type}")
+            return fallback
+        from .comm.shm import ShmCommunicator, try_shm_communicator
+
+        if choice == "shm":
+            return ShmCommunicator(fallback)
+        return try_shm_communicator(fallback) or fallback
+    _init_torch_distributed(choice, dev, rank, world_size)
+    return TorchDistCommunicator()
+
+
+def _mpirun_communicator(choice: str, dev: torch.device, rank: int, world_size: int) -> Communicator:
+    try:
+        from .comm.mpi import MPICommunicator
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ValueError(f"launched by mpirun but mpi4py is unavailable ({exc}); pip install mpi4py") from None
+    mpi = MPICommunicator()
+    if choice == "mpi" or (choice == "auto" and dev.type == "cpu"):
+        return mpi
+    # torch.distributed under mpirun: rendezvous at rank 0's address, told over MPI.
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        addr = mpi.comm.bcast((socket.gethostbyname(socket.gethostname()), _free_port()) if rank == 0 else None, root=0)
+        os.environ.setdefault("MASTER_ADDR", addr[0])
+        os.environ.setdefault("MASTER_PORT", str(addr[1]))
+    return _torchrun_communicator(choice, dev, rank, world_size)
 
 
 def shutdown() -> None:

