@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -316,11 +317,22 @@ def _config_dtype(config: Any) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def _materialize(model: nn.Module, checkpoint, source: dict[str, str], dtype: torch.dtype, device: torch.device) -> None:
+def _progress(items: list, show: bool):
+    """A loading bar on one rank's terminal (rank 0), silent elsewhere or when not a TTY-friendly run."""
+    if not show or os.environ.get("TP_ENGINE_NO_PROGRESS"):
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="loading", unit="tensor", leave=False, file=sys.stderr)
+
+
+def _materialize(
+    model: nn.Module, checkpoint, source: dict[str, str], dtype: torch.dtype, device: torch.device, show_progress: bool = False
+) -> None:
     """Replace every meta parameter by this rank's slice of its checkpoint tensor."""
     modules = dict(model.named_modules())
     loaded: dict[int, nn.Parameter] = {}
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
+    for name, param in _progress(list(model.named_parameters(remove_duplicate=False)), show_progress):
         owner, _, attr = name.rpartition(".")
         module = modules[owner]
         new = loaded.get(id(param))
@@ -413,7 +425,7 @@ def from_pretrained(
 
     error: BaseException | None = None
     try:
-        _materialize(model, checkpoint, source, dtype, device)
+        _materialize(model, checkpoint, source, dtype, device, show_progress=comm.rank == 0)
     except Exception as exc:  # shared below, so other ranks do not hang
         error = exc
     finally:
