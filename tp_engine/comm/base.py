@@ -85,3 +85,19 @@ def gather_sizes(local: int, world_size: int, sizes: Sequence[int] | None) -> li
     if len(sizes) != world_size:
         raise ValueError(f"all_gather: sizes has {len(sizes)} entries for {world_size} ranks")
     return sizes
+
+
+def resolve_gather(
+    tensor: torch.Tensor, dim: int, sizes: Sequence[int] | None, rank: int, world_size: int
+) -> tuple[int, list[int]]:
+    """Normalize all_gather's ``dim`` and ``sizes`` and check this rank's extent."""
+    if tensor.dim() == 0:
+        raise ValueError("all_gather: cannot gather a 0-dimensional tensor along a dim")
+    dim = dim % tensor.dim()
+    sizes = gather_sizes(tensor.shape[dim], world_size, sizes)
+    if sizes[rank] != tensor.shape[dim]:
+        raise ValueError(
+            f"all_gather: rank {rank} holds {tensor.shape[dim]} along dim {dim}, "
+            f"but sizes says {sizes[rank]}"
+        )
+    return dim, sizes

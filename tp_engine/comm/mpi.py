@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .base import gather_sizes
+from .base import resolve_gather
 
 __all__ = ["MPICommunicator", "mpi_world_from_env"]
 
@@ -157,15 +157,7 @@ class MPICommunicator:
     def all_gather(
         self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None
     ) -> torch.Tensor:
-        if tensor.dim() == 0:
-            raise ValueError("all_gather: cannot gather a 0-dimensional tensor along a dim")
-        dim = dim % tensor.dim()
-        sizes = gather_sizes(tensor.shape[dim], self.world_size, sizes)
-        if sizes[self.rank] != tensor.shape[dim]:
-            raise ValueError(
-                f"all_gather: rank {self.rank} holds {tensor.shape[dim]} along dim {dim}, "
-                f"but sizes says {sizes[self.rank]}"
-            )
+        dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         device = tensor.device
         src = tensor.detach()
         if not src.is_cpu:

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import gather_sizes
+from .base import resolve_gather
 
 __all__ = ["ShmCommunicator", "ShmUnavailable", "try_shm_communicator", "load_native"]
 
@@ -491,15 +491,7 @@ class ShmCommunicator:
         self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None
     ) -> torch.Tensor:
         self._check()
-        if tensor.dim() == 0:
-            raise ValueError("all_gather: cannot gather a 0-dimensional tensor along a dim")
-        dim = dim % tensor.dim()
-        sizes = gather_sizes(tensor.shape[dim], self.world_size, sizes)
-        if sizes[self.rank] != tensor.shape[dim]:
-            raise ValueError(
-                f"all_gather: rank {self.rank} holds {tensor.shape[dim]} along dim {dim}, "
-                f"but sizes says {sizes[self.rank]}"
-            )
+        dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         shape = list(tensor.shape)
         outer = 1
         for n in shape[:dim]:

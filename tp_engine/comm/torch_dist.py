@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .base import gather_sizes
+from .base import resolve_gather
 
 # Device types each backend moves natively; others are staged through the CPU.
 NATIVE_DEVICES: dict[str, frozenset[str]] = {
@@ -72,13 +72,7 @@ class TorchDistCommunicator:
     def all_gather(
         self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None
     ) -> torch.Tensor:
-        dim = dim % tensor.dim()
-        sizes = gather_sizes(tensor.shape[dim], self.world_size, sizes)
-        if sizes[self.rank] != tensor.shape[dim]:
-            raise ValueError(
-                f"all_gather: rank {self.rank} holds {tensor.shape[dim]} along dim {dim}, "
-                f"but sizes says {sizes[self.rank]}"
-            )
+        dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         width = max(sizes)
         with self._staged(tensor, copy_back=False) as t:
             # Collectives need equal shapes: pad every shard to the widest one.
