@@ -20,7 +20,7 @@ from .layers import (
     VocabParallelEmbedding,
     copy_shard_,
 )
-from .models import spec_for
+from .models import resolve_spec
 from .models.spec import ArchSpec
 from .plan import ModelDims, ModelPlan, RankPlan, plan_model
 
@@ -188,7 +188,7 @@ def parallelize(
         raise ValueError("parallelize: this model is already sharded; pass the original model")
     rank = comm.rank if rank is None else rank
     config = model.config
-    spec = spec_for(config)
+    spec = resolve_spec(model, comm.world_size, shares)
     dims = ModelDims.from_config(config)
     plan = plan_model(dims, comm.world_size, shares)
     if comm.world_size > 1:

@@ -1,7 +1,13 @@
-"""Architecture specs, looked up by ``config.model_type``."""
+"""Architecture specs, looked up by ``config.model_type``.
+
+``resolve_spec`` is the one entry point ``parallelize`` uses: a declared spec
+when the family has one, else a plan inferred from the module structure
+(``models/auto.py``), which must then pass a parity check on a tiny random
+copy of the same architecture before it is used (``tp_engine/check.py``).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .llama import SPECS as _LLAMA_SPECS
 from .spec import ArchSpec
@@ -14,7 +20,7 @@ def supported_model_types() -> list[str]:
 
 
 def spec_for(config: Any) -> ArchSpec:
-    """The spec for a model config, or a ValueError naming what is supported."""
+    """The declared spec for a model config, or a ValueError naming what is supported."""
     model_type = getattr(config, "model_type", None)
     spec = SPECS.get(model_type)
     if spec is None:
@@ -22,4 +28,24 @@ def spec_for(config: Any) -> ArchSpec:
             f"unsupported architecture {model_type!r}: tp-engine has specs for "
             f"{', '.join(supported_model_types())}"
         )
+    return spec
+
+
+def resolve_spec(model: Any, world_size: int, shares: Sequence[float] | None = None) -> ArchSpec:
+    """The spec ``parallelize`` uses for ``model``: declared, or inferred and parity-checked.
+
+    Raises ValueError (with the reason) when the model has no declared spec
+    and no safe inferred one.
+    """
+    spec = SPECS.get(getattr(model.config, "model_type", None))
+    if spec is not None:
+        return spec
+    try:
+        from .auto import infer_spec
+    except ImportError:  # auto-planner not available: only declared specs
+        return spec_for(model.config)
+    spec = infer_spec(model)  # raises ValueError naming why inference is unsafe
+    from ..check import guard_auto_spec
+
+    guard_auto_spec(model, spec, world_size, shares)  # raises ValueError if parity fails
     return spec
