@@ -185,7 +185,17 @@ class _Layer:
     __slots__ = (
         "in_w", "post_w", "eps", "wqkv", "bqkv", "wo", "bo", "wgu", "bgu", "wd", "bd",
         "qk_w", "qk_eps", "window", "k_cache", "v_cache",
+        "mm_qkv", "mm_o", "mm_gu", "mm_d",
     )
+
+
+def _float_matmul(w: torch.Tensor, b: torch.Tensor | None):
+    """``x -> x @ w.T + b`` (F.linear itself, so results match HF's layers bit for bit)."""
+    return lambda x: F.linear(x, w, b)
+
+
+def _quantized_matmul(qw, b: torch.Tensor | None):
+    return qw if b is None else (lambda x: qw(x).add_(b))
 
 
 # ----------------------------------------------------------------- decoder
@@ -202,6 +212,10 @@ class FastDecoder:
     at least 4096 rows when the kernel is available and passes a self-check).
     ``fuse_in_place=False`` keeps the model's parameters untouched and copies
     the fused weights instead (twice the memory for q/k/v and gate/up).
+    ``weight_bits`` 8 or 4 makes this decoder a quantized copy of the model
+    (``tp_engine.quantize.quantize_weight`` on the fused weights and the LM
+    head; the embedding stays shared): the cheap draft of speculative
+    decoding. The model itself is left untouched.
     """
 
     def __init__(
@@ -210,6 +224,8 @@ class FastDecoder:
         comm: Communicator | None = None,
         fuse_in_place: bool = True,
         int8_argmax: bool | None = None,
+        weight_bits: int | None = None,
+        group_size: int | None = None,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
@@ -236,6 +252,10 @@ class FastDecoder:
         self.group = self.n_q // self.n_kv
         self.hidden = int(config.hidden_size)
         self._norm_shape = (self.hidden,)
+        self.weight_bits, self.group_size = weight_bits, group_size
+        if weight_bits is not None:
+            fuse_in_place = False  # a quantized copy must not re-point the float model's parameters
+            int8_argmax = False  # the head itself is quantized
 
         with torch.no_grad():
             self.layers = [self._layer(layer, fuse_in_place) for layer in base.layers]
@@ -275,6 +295,10 @@ class FastDecoder:
         L.bgu = _fuse_bias([mlp.gate_proj, mlp.up_proj], fuse_in_place)
         L.wd = mlp.down_proj.weight.detach()
         L.bd = None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach()
+        L.mm_qkv, L.mm_gu = self._matmul(L.wqkv, L.bqkv), self._matmul(L.wgu, L.bgu)
+        L.mm_o, L.mm_d = self._matmul(L.wo, None), self._matmul(L.wd, None)  # their bias comes after the all-reduce
+        if self.weight_bits is not None:  # keep only the quantized copies
+            L.wqkv = L.wo = L.wgu = L.wd = None
         if mlp.gate_proj.weight.shape != mlp.up_proj.weight.shape:
             raise FastPathUnsupported("tp-engine fast path: gate and up projections differ in shape")
         act = getattr(self.config, "hidden_act", None) or getattr(self.config, "hidden_activation", None)
@@ -299,6 +323,13 @@ class FastDecoder:
         L.k_cache = L.v_cache = None
         return L
 
+    def _matmul(self, w: torch.Tensor, b: torch.Tensor | None):
+        if self.weight_bits is None:
+            return _float_matmul(w, b)
+        from .quantize import quantize_weight
+
+        return _quantized_matmul(quantize_weight(w, self.weight_bits, self.group_size), b)
+
     def _vocab(self, model: nn.Module) -> None:
         emb = model.get_input_embeddings()
         head = model.get_output_embeddings()
@@ -309,6 +340,7 @@ class FastDecoder:
         self.emb_scale = scale.detach().to(self.dtype) if isinstance(scale, torch.Tensor) else None
         self.head_w = head.weight.detach()
         self.head_b = None if getattr(head, "bias", None) is None else head.bias.detach()
+        self._head_mm = self._matmul(self.head_w, self.head_b)
         self.head_start = int(getattr(head, "start", 0))
         sizes = getattr(head, "vocab_sizes", None)
         self.vocab_sizes = tuple(sizes) if sizes is not None else (self.head_w.shape[0],)
@@ -363,17 +395,17 @@ class FastDecoder:
         return out.add_(swapped.mul_(sin))
 
     def _qkv(self, h: torch.Tensor, L: _Layer) -> torch.Tensor:
-        return F.linear(h, L.wqkv, L.bqkv)
+        return L.mm_qkv(h)
 
     def _gate_up(self, h: torch.Tensor, L: _Layer) -> torch.Tensor:
-        return F.linear(h, L.wgu, L.bgu)
+        return L.mm_gu(h)
 
     def _mlp(self, x: torch.Tensor, L: _Layer) -> torch.Tensor:
         h = self._norm(x, L.post_w, L.eps)
         gu = self._gate_up(h, L)
         inter = gu.shape[-1] // 2
         a = self.act(gu[..., :inter]).mul_(gu[..., inter:])
-        d = F.linear(a, L.wd)
+        d = L.mm_d(a)
         if self.world > 1:
             self.comm.all_reduce_(d)
         if L.bd is not None:
@@ -408,7 +440,7 @@ class FastDecoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's vocab-shard logits, (1, V_local), from the final hidden state."""
-        return F.linear(h, self.head_w, self.head_b)
+        return self._head_mm(h)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``ids`` (1-D) from position 0; this rank's logits of its last token."""
@@ -420,11 +452,25 @@ class FastDecoder:
 
     def prefill_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt ``ids`` (1-D) from position 0; final hidden state of its last token, (1, H)."""
+        return self.extend_hidden(ids, 0)[-1:]
+
+    def extend_hidden(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
+        """Run tokens ``ids`` (1-D) at positions ``start, start+1, ...`` over the cached prefix.
+
+        The cache must hold valid keys/values for positions ``[0, start)``;
+        whatever it holds beyond is overwritten (that is how speculative
+        decoding rolls back: it just runs again from an earlier position).
+        Returns final (normed) hidden states: the last token's (1, H), or all
+        rows (S, H) with ``last_only=False`` (verifying drafted tokens).
+        """
         S = ids.shape[0]
+        end = start + S
+        if end > self._cache_len:
+            raise ValueError(f"positions up to {end} exceed the cache ({self._cache_len}); call _ensure first")
         hd, nq, nkv = self.head_dim, self.n_q, self.n_kv
         x = self._embed_prompt(ids)  # (S, H)
-        cos, sin = self._cos[:S, None], self._sin[:S, None]
-        mask_cache: dict[int | None, torch.Tensor | None] = {}
+        cos, sin = self._cos[start:end, None], self._sin[start:end, None]
+        mask_cache: dict[int | None, torch.Tensor] = {}
         for L in self.layers:
             h = self._norm(x, L.in_w, L.eps)
             qkv = self._qkv(h, L)  # (S, (nq+2nkv)*hd)
@@ -432,30 +478,33 @@ class FastDecoder:
             if L.qk_w is not None:
                 qk = self._norm(qk, L.qk_w, L.qk_eps)
             qk = self._rope_(qk, cos, sin)
-            L.k_cache[:, :S].copy_(qk[:, nq:].transpose(0, 1))
-            L.v_cache[:, :S].copy_(qkv[:, (nq + nkv) * hd :].view(S, nkv, hd).transpose(0, 1))
+            L.k_cache[:, start:end].copy_(qk[:, nq:].transpose(0, 1))
+            L.v_cache[:, start:end].copy_(qkv[:, (nq + nkv) * hd :].view(S, nkv, hd).transpose(0, 1))
             q = qk[:, :nq].transpose(0, 1)[None]  # (1, nq, S, hd)
-            k, v = L.k_cache[None, :, :S], L.v_cache[None, :, :S]
+            k, v = L.k_cache[None, :, :end], L.v_cache[None, :, :end]
             if self.group > 1:
                 k = k.repeat_interleave(self.group, dim=1)
                 v = v.repeat_interleave(self.group, dim=1)
-            if L.window is None or L.window >= S:
+            if start == 0 and (L.window is None or L.window >= S):
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
             else:
                 if L.window not in mask_cache:
-                    i = torch.arange(S, device=self.device)
-                    d = i[:, None] - i[None, :]
-                    mask_cache[L.window] = (d >= 0) & (d < L.window)
+                    i = torch.arange(start, end, device=self.device)
+                    d = i[:, None] - torch.arange(end, device=self.device)[None, :]  # query pos - key pos
+                    allowed = d >= 0
+                    if L.window is not None:
+                        allowed &= d < L.window
+                    mask_cache[L.window] = allowed
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_cache[L.window], scale=self.scaling)
             a = a[0].transpose(0, 1).reshape(S, nq * hd)
-            o = F.linear(a, L.wo)
+            o = L.mm_o(a)
             if self.world > 1:
                 self.comm.all_reduce_(o)
             if L.bo is not None:
                 o += L.bo
             x = x + o
             x = x + self._mlp(x, L)
-        return self._final(x)
+        return self._norm(x[-1:] if last_only else x, self.norm_w, self.norm_eps)
 
     def step_hidden(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """One decode step: ``x`` (1, H) is the embedded token at ``pos``; final hidden state (1, H)."""
@@ -487,7 +536,7 @@ class FastDecoder:
                 a = F.scaled_dot_product_attention(
                     qk[:nq].view(1, nkv, g, hd), k[None], v[None], scale=scaling
                 ).view(1, nq * hd)
-            o = F.linear(a, L.wo)
+            o = L.mm_o(a)
             if reduce is not None:
                 reduce(o)
             if L.bo is not None:
@@ -635,6 +684,27 @@ class FastDecoder:
             x = x * self.emb_scale
         return token, x
 
+    def rows_argmax(self, h: torch.Tensor) -> list[int]:
+        """Global greedy token for each row of final hidden states ``h`` (S, H).
+
+        Ties go to the lowest vocabulary index, as ``torch.argmax`` on full
+        logits. Sharded: one all-gather of (max, index) per row and rank.
+        """
+        val, idx = self._logits(h).max(-1)
+        if not self.sharded_vocab:
+            return idx.tolist()
+        pd = torch.float64  # exact for any vocab id
+        table = self.comm.all_gather(torch.stack([val.to(pd), (idx + self.head_start).to(pd)])[None], dim=0)
+        winner = table[:, 0].argmax(0)  # (S,): first maximal rank = lowest vocab index
+        return table[:, 1].gather(0, winner[None])[0].long().tolist()
+
+    def rows_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits (S, V) for final hidden states ``h`` (S, H), same on every rank."""
+        logits = self._logits(h).float()
+        if self.sharded_vocab:
+            logits = self.comm.all_gather(logits, dim=-1, sizes=self.vocab_sizes)
+        return logits
+
     def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.sharded_vocab:
@@ -697,6 +767,17 @@ class FastDecoder:
         if bad:
             raise ValueError(f"fast_generate: ranks {bad} were given different input_ids than rank 0")
 
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """``seed``: a fresh generator. None: torch's global one with rank 0's state on every rank,
+        so ``torch.manual_seed(s)`` then this gives what HF's ``generate`` samples after the same seed."""
+        if seed is not None:
+            return torch.Generator(device="cpu").manual_seed(self._shared_seed(seed))
+        if self.world > 1:
+            state = torch.get_rng_state().to(self.device)  # NCCL carries device tensors only
+            self.comm.broadcast_(state, src=0)
+            torch.set_rng_state(state.cpu())
+        return torch.default_generator
+
     def _shared_seed(self, seed: int | None) -> int:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))  # rank 0's draw wins below
@@ -751,7 +832,7 @@ class FastDecoder:
             self._check_same_input(prompt)
         gen = None
         if do_sample:
-            gen = torch.Generator(device="cpu").manual_seed(self._shared_seed(seed))
+            gen = self._generator(seed)
         eos = self._eos_set(eos_token_id)
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -811,8 +892,9 @@ def fast_generate(
     model. ``eos_token_id`` None means the model's
     ``generation_config.eos_token_id`` (as ``generate`` does); pass ``[]`` to
     never stop early. Sampling applies temperature, then ``top_k`` (0: off),
-    then ``top_p``, and draws with a generator seeded by ``seed`` (rank 0's
-    random seed when None), so ranks agree without exchanging the token.
+    then ``top_p``, and draws with a generator seeded by ``seed`` (None:
+    torch's global generator, given rank 0's state), so ranks agree without
+    exchanging the token.
     ``streamer`` gets ``put(prompt)``, ``put(tensor([token]))`` per token and
     ``end()``, like transformers' streamers. Raises
     :class:`FastPathUnsupported` for models outside the fast path.
