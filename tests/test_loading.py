@@ -305,10 +305,11 @@ def test_index_names_missing_shard(saved, tmp_path):
 
 
 def test_unknown_architecture(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    # A state-space model: no attention heads to split, no spec, refused by the auto-planner.
+    from transformers import MambaConfig, MambaForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2': tp-engine has specs for"):
+    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=50, state_size=4)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mamba"):
         loading.from_pretrained(tmp_path, comm=SINGLE)
 
 

@@ -388,7 +388,7 @@ def from_pretrained(
     to the one from ``tp_engine.init()``.
     """
     from .distributed import current, init
-    from .models import spec_for
+    from .models import resolve_spec
     from .parallelize import parallelize
 
     if comm is None:
@@ -405,12 +405,14 @@ def from_pretrained(
     try:
         kind, location = _resolve(path)
         config = load_config(location)
-        spec_for(config)  # unknown architecture: parallelize's message, before any weight is read
         checkpoint = SafetensorsCheckpoint(location) if kind == "safetensors" else None
         dtype = _as_dtype(dtype)
         if dtype is None:
             dtype = torch.float32 if kind == "gguf" else (_config_dtype(config) or checkpoint.default_dtype)
         model = _skeleton(config, dtype)
+        # Unknown architecture, or an inferred plan failing its parity guard:
+        # parallelize's own message, on every rank, before any weight is read.
+        resolve_spec(model, comm.world_size, shares)
         if kind == "gguf":
             from .gguf_loading import GGUFCheckpoint
 

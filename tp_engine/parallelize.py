@@ -1,12 +1,27 @@
-"""Swap a Hugging Face model's modules for parallel ones, per the plan.
+"""Swap a Hugging Face model's modules for parallel ones, per the spec and the plan.
 
 The model keeps its class, config and forward code: HF's ``generate``
 runs unchanged on every rank, and each rank's KV cache holds only its heads
 (HF's caches take their shapes from the key/value tensors).
+
+What the spec (``models/spec.py``) can describe, and what happens here:
+
+* separate or fused q/k/v projections (fused: ``concat`` [Q | K | V] or
+  ``grouped`` per KV head [its Qs | K | V]); a rank's fused rows are several
+  (start, stop) pieces of the checkpoint tensor, in the order HF's reshape
+  expects locally;
+* nn.Linear or HF's Conv1D (weight stored (in, out)), sharded in that storage;
+* stacked MLP inputs ([gate | up] in one projection);
+* parallel attention + MLP blocks, all-reduced once per layer
+  (:class:`~tp_engine.layers.PartialSum`);
+* MoE blocks with fused 3-D expert weights, all-reduced once per block;
+* ALiBi biases narrowed to the rank's heads; config views with rank-local
+  head counts for modules that read them from the config.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -14,19 +29,49 @@ from torch import nn
 
 from .comm.base import Communicator
 from .layers import (
+    ColumnParallelConv1D,
     ColumnParallelLinear,
+    CopyInputs,
+    CopyOutput,
+    DeferredRowParallelLinear,
     ParallelLMHead,
+    PartialSum,
+    ReduceOutput,
+    RowParallelConv1D,
     RowParallelLinear,
+    ShardSpec,
     VocabParallelEmbedding,
     copy_shard_,
+    shard_parameter,
 )
 from .models import resolve_spec
 from .models.spec import ArchSpec
-from .plan import ModelDims, ModelPlan, RankPlan, plan_model
+from .plan import ModelDims, ModelPlan, RankPlan, normalize_shares, plan_model, split_by_shares
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
+# ------------------------------------------------------------ module paths
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _get(root: nn.Module, path: str, where: str = "") -> nn.Module:
+    """``root.get_submodule(path)``, or a ValueError naming the full path."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(
+            f"{_join(where, path)}: no such module ({type(root).__name__} does not match the architecture spec)"
+        ) from None
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -34,12 +79,61 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def _is_bare(model: nn.Module) -> bool:
+    """A base model (LlamaModel, BertModel) rather than one with a head around it."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return bool(prefix) and not isinstance(getattr(model, prefix, None), nn.Module)
+
+
+def _model_path(model: nn.Module, path: str) -> str | None:
+    """``path`` as found in ``model``: as given, or without the base-model prefix
+    on a bare base model ("model.layers" is "layers" in a LlamaModel); None if absent."""
+    if _has(model, path):
+        return path
+    prefix = getattr(model, "base_model_prefix", "")
+    head, _, rest = path.partition(".")
+    if rest and head == prefix and _is_bare(model) and _has(model, rest):
+        return rest
+    return None
+
+
+# ------------------------------------------------------------ projections
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _proj(parent: nn.Module, name: str, where: str) -> nn.Module:
+    """The projection at ``name``: an nn.Linear (or subclass) or HF Conv1D."""
+    module = _get(parent, name, where)
+    if not isinstance(module, nn.Linear) and not _is_conv1d(module):
+        raise TypeError(f"{_join(where, name)}: expected nn.Linear or Conv1D, found {type(module).__name__}")
+    return module
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if _is_conv1d(module):  # weight stored (in, out)
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return module.in_features, module.out_features
+
+
 def _like(old: nn.Module) -> dict[str, Any]:
     return {"dtype": old.weight.dtype, "device": old.weight.device}
 
 
 def _fill(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Copy this rank's shard of ``old``'s weights into ``new``."""
+    """Copy this rank's shard of ``old``'s weights into ``new`` (and its train/eval mode)."""
+    new.train(old.training)
     if old.weight.device.type != "meta":
         copy_shard_(new.weight, old.weight, "weight")
         if getattr(new, "bias", None) is not None:
@@ -47,51 +141,328 @@ def _fill(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _linear_check(module: nn.Module, path: str) -> nn.Linear:
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"{path}: expected nn.Linear, found {type(module).__name__}")
-    return module
-
-
 def _heads(r: range, head_dim: int) -> tuple[tuple[int, int], ...]:
     return ((r.start * head_dim, r.stop * head_dim),)
 
 
-def _column(old: nn.Linear, rows, comm) -> ColumnParallelLinear:
-    return _fill(ColumnParallelLinear(old.in_features, rows, comm, bias=old.bias is not None, **_like(old)), old)
+def _column(old: nn.Module, rows, comm) -> nn.Module:
+    in_features, _ = _in_out(old)
+    cls = ColumnParallelConv1D if _is_conv1d(old) else ColumnParallelLinear
+    return _fill(cls(in_features, rows, comm, bias=old.bias is not None, **_like(old)), old)
 
 
-def _row(old: nn.Linear, cols, comm) -> RowParallelLinear:
-    return _fill(RowParallelLinear(cols, old.out_features, comm, bias=old.bias is not None, **_like(old)), old)
+def _row(old: nn.Module, cols, comm, sink: PartialSum | None = None, partial: bool = False, where: str = "") -> nn.Module:
+    """Row-parallel replacement of ``old``: reducing itself, or deferring to
+    ``sink`` (a parallel block) or, with ``partial``, to the enclosing module."""
+    _, out_features = _in_out(old)
+    bias = old.bias is not None
+    if sink is None and not partial:
+        cls = RowParallelConv1D if _is_conv1d(old) else RowParallelLinear
+        return _fill(cls(cols, out_features, comm, bias=bias, **_like(old)), old)
+    if _is_conv1d(old):
+        raise TypeError(f"{where}: deferred reduction supports nn.Linear only, found Conv1D")
+    if partial and bias:
+        raise ValueError(f"{where}: a partial-sum projection cannot have a bias (it would be added once per rank)")
+    return _fill(DeferredRowParallelLinear(cols, out_features, comm, sink=sink, bias=bias, **_like(old)), old)
 
 
-def _shard_attention(attn: nn.Module, spec: ArchSpec, rp: RankPlan, dims: ModelDims, comm, path: str) -> None:
-    hd = dims.head_dim
-    q, k, v, o = (_linear_check(_get(attn, n), f"{path}.{n}") for n in (spec.q_proj, spec.k_proj, spec.v_proj, spec.o_proj))
-    if q.out_features != dims.num_q_heads * hd or k.out_features != dims.num_kv_heads * hd:
-        raise ValueError(
-            f"{path}: projection shapes {q.out_features}/{k.out_features} disagree with "
-            f"{dims.num_q_heads} Q / {dims.num_kv_heads} KV heads of dim {hd}"
-        )
-    _set(attn, spec.q_proj, _column(q, _heads(rp.q_heads, hd), comm))
-    _set(attn, spec.k_proj, _column(k, _heads(rp.kv_heads, hd), comm))
-    _set(attn, spec.v_proj, _column(v, _heads(rp.kv_heads, hd), comm))
-    _set(attn, spec.o_proj, _row(o, _heads(rp.q_heads, hd), comm))
+# ------------------------------------------------------------ context
+
+
+@dataclass(frozen=True)
+class _Context:
+    plan: ModelPlan
+    rank: int
+    comm: Communicator
+
+    @property
+    def rp(self) -> RankPlan:
+        return self.plan[self.rank]
+
+    @property
+    def dims(self) -> ModelDims:
+        return self.plan.dims
+
+    def columns(self, width: int, unit: int = 1) -> range:
+        """This rank's columns of an intermediate dimension ``width``, split by the plan's shares
+        in whole multiples of ``unit`` columns (when ``width`` is a multiple of it)."""
+        if width % unit:
+            unit = 1
+        if width == self.dims.intermediate_size and unit == 1:
+            return self.rp.mlp_columns
+        # MoE expert and shared-expert widths differ from config.intermediate_size.
+        piece = split_by_shares(width // unit, normalize_shares(self.plan.world_size, self.plan.shares))[self.rank]
+        return range(piece.start * unit, piece.stop * unit)
+
+
+# ------------------------------------------------------------ attention
+
+
+def _merge(pieces: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Join adjacent (start, stop) pieces; drop empty ones."""
+    out: list[tuple[int, int]] = []
+    for a, b in pieces:
+        if a == b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def _fused_qkv_rows(layout: str, rp: RankPlan, dims: ModelDims) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+    """This rank's rows of a fused q/k/v output, in the order the local reshape expects.
+
+    Returns the (start, stop) pieces and, for the K/V pieces, (local offset,
+    global start, length): the rows whose gradients must be summed when a KV
+    head is replicated.
+    """
+    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
+    pieces: list[tuple[int, int]] = []
+    kv_flags: list[bool] = []
+    if layout == "concat":  # [all Q | all K | all V]
+        q0, q1, k0, k1 = rp.q_heads.start, rp.q_heads.stop, rp.kv_heads.start, rp.kv_heads.stop
+        pieces = [(q0 * hd, q1 * hd), ((nq + k0) * hd, (nq + k1) * hd), ((nq + nkv + k0) * hd, (nq + nkv + k1) * hd)]
+        kv_flags = [False, True, True]
+    else:  # "grouped": per KV head j, [Q heads of group j | K_j | V_j]
+        g = dims.group_size
+        block = (g + 2) * hd
+        for j in rp.kv_heads:
+            a, b = max(rp.q_heads.start, j * g), min(rp.q_heads.stop, (j + 1) * g)
+            base = j * block
+            # The planner gives every local KV head the same number of local Q
+            # heads, so the local view (-1, q_per_kv + 2, head_dim) lines up.
+            pieces += [(base + (a - j * g) * hd, base + (b - j * g) * hd), (base + g * hd, base + block)]
+            kv_flags += [False, True]
+    kv: list[tuple[int, int, int]] = []
+    offset = 0
+    for (a, b), is_kv in zip(pieces, kv_flags):
+        if is_kv:
+            kv.append((offset, a, b - a))
+        offset += b - a
+    return pieces, kv
+
+
+def _sum_replicated_grads(module: nn.Module, shared: Sequence[tuple[int, int, int]], full: int, comm: Communicator) -> None:
+    """KV heads held by several ranks get partial gradients; sum the copies.
+
+    ``shared``: (local offset, global start, length) of this rank's K/V rows
+    in a tensor of ``full`` rows (along the parameter's shard dim). Each rank
+    scatters those rows into a zero tensor of the full size; the all-reduce
+    then sums exactly the ranks holding each head. Q rows are left alone.
+    """
+
+    def hook_for(dim: int):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            shape = list(grad.shape)
+            shape[dim] = full
+            gathered = grad.new_zeros(shape)
+            for local, start, n in shared:
+                gathered.narrow(dim, start, n).copy_(grad.narrow(dim, local, n))
+            comm.all_reduce_(gathered)
+            out = grad.clone()
+            for local, start, n in shared:
+                out.narrow(dim, local, n).copy_(gathered.narrow(dim, start, n))
+            return out
+
+        return hook
+
+    for param in (module.weight, getattr(module, "bias", None)):
+        if param is not None:
+            param.register_hook(hook_for(param.tp_shard.dim if param.dim() > 1 else 0))
+
+
+class _ConfigView:
+    """The shared model config, with a few attributes replaced for one module.
+
+    Everything else is read from (and written to) the shared config, so a
+    later change such as the attention implementation still shows.
+    """
+
+    def __init__(self, base: Any, overrides: dict[str, Any]):
+        self.__dict__["_base"] = base
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("_base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+
+class _NarrowAlibi:
+    """Forward pre-hook: keep this rank's heads of an ALiBi tensor (batch * heads, 1, keys).
+
+    The model builds the biases for all heads (exactly as unsharded); the
+    rank's attention needs the slopes of its own global heads.
+    """
+
+    def __init__(self, kwarg: str, heads: range, total_heads: int, where: str):
+        self.kwarg, self.heads, self.total, self.where = kwarg, heads, total_heads, where
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.kwarg not in kwargs:
+            raise RuntimeError(f"{self.where}: expected the {self.kwarg!r} keyword argument (ALiBi biases)")
+        alibi = kwargs[self.kwarg]
+        if alibi is None:
+            return None
+        if alibi.shape[0] % self.total:
+            raise RuntimeError(f"{self.where}: {self.kwarg} has {alibi.shape[0]} rows, not batch x {self.total} heads")
+        rest = tuple(alibi.shape[1:])
+        local = alibi.view(-1, self.total, *rest)[:, self.heads.start : self.heads.stop].reshape(-1, *rest)
+        return args, {**kwargs, self.kwarg: local}
+
+
+def _shard_attention(attn: nn.Module, spec: ArchSpec, ctx: _Context, path: str, sink: PartialSum | None) -> None:
+    rp, dims, comm = ctx.rp, ctx.dims, ctx.comm
+    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
+    kv_modules: list[tuple[nn.Module, list[tuple[int, int, int]], int]] = []
+    if spec.qkv_proj:
+        fused = _proj(attn, spec.qkv_proj, path)
+        full = (nq + 2 * nkv) * hd
+        if _in_out(fused)[1] != full:
+            raise ValueError(
+                f"{_join(path, spec.qkv_proj)}: fused q/k/v has {_in_out(fused)[1]} outputs, expected "
+                f"({nq} Q + 2 x {nkv} KV heads) x {hd} = {full}"
+            )
+        pieces, kv_rows = _fused_qkv_rows(spec.qkv_layout, rp, dims)
+        new = _column(fused, _merge(pieces), comm)
+        _set(attn, spec.qkv_proj, new)
+        kv_modules.append((new, kv_rows, full))
+    else:
+        q, k, v = (_proj(attn, n, path) for n in (spec.q_proj, spec.k_proj, spec.v_proj))
+        if _in_out(q)[1] != nq * hd or _in_out(k)[1] != nkv * hd or _in_out(v)[1] != nkv * hd:
+            raise ValueError(
+                f"{path}: projection shapes {_in_out(q)[1]}/{_in_out(k)[1]}/{_in_out(v)[1]} disagree with "
+                f"{nq} Q / {nkv} KV heads of dim {hd}"
+            )
+        _set(attn, spec.q_proj, _column(q, _heads(rp.q_heads, hd), comm))
+        kv_len = len(rp.kv_heads) * hd
+        for name, old in ((spec.k_proj, k), (spec.v_proj, v)):
+            new = _column(old, _heads(rp.kv_heads, hd), comm)
+            _set(attn, name, new)
+            kv_modules.append((new, [(0, rp.kv_heads.start * hd, kv_len)], nkv * hd))
+    o = _proj(attn, spec.o_proj, path)
+    if _in_out(o)[0] != nq * hd:
+        raise ValueError(f"{_join(path, spec.o_proj)}: has {_in_out(o)[0]} inputs, expected {nq} heads x {hd}")
+    _set(attn, spec.o_proj, _row(o, _heads(rp.q_heads, hd), comm, sink=sink, where=_join(path, spec.o_proj)))
+
+    # The module that runs the attention math reads head counts from itself.
+    core = _get(attn, spec.attention_core, path)
     # HF attention reads the Q-per-KV ratio from the module (repeat_kv).
-    attn.num_key_value_groups = rp.q_per_kv
+    core.num_key_value_groups = rp.q_per_kv
     for name in spec.q_head_attrs:
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, len(rp.q_heads))
+        if isinstance(getattr(core, name, None), int):
+            setattr(core, name, len(rp.q_heads))
     for name in spec.kv_head_attrs:
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, len(rp.kv_heads))
+        if isinstance(getattr(core, name, None), int):
+            setattr(core, name, len(rp.kv_heads))
+    for name in spec.q_width_attrs:
+        if isinstance(getattr(core, name, None), int):
+            setattr(core, name, len(rp.q_heads) * hd)
+    if spec.attention_config_heads:
+        config = getattr(core, "config", None)
+        if config is None:
+            raise ValueError(f"{_join(path, spec.attention_core)}: spec expects a `config` attribute on the attention module")
+        core.config = _ConfigView(config, {name: len(rp.q_heads) for name in spec.attention_config_heads})
+    if spec.alibi_kwarg:
+        attn.register_forward_pre_hook(_NarrowAlibi(spec.alibi_kwarg, rp.q_heads, nq, path), with_kwargs=True)
+
+    if ctx.plan.replicated_kv_heads:
+        for module, shared, full in kv_modules:
+            _sum_replicated_grads(module, shared, full, comm)
 
 
-def _shard_mlp(mlp: nn.Module, spec: ArchSpec, rp: RankPlan, comm, path: str) -> None:
-    cols = ((rp.mlp_columns.start, rp.mlp_columns.stop),)
+# ------------------------------------------------------------ MLP and MoE
+
+
+def _shard_mlp(
+    mlp: nn.Module, spec: ArchSpec, ctx: _Context, path: str, sink: PartialSum | None = None, partial: bool = False
+) -> None:
+    """Column-split the input projections, row-split the output one, by intermediate columns."""
+    row = _proj(mlp, spec.mlp_row, path)
+    width = _in_out(row)[0]
+    cols = ctx.columns(width)
     for name in spec.mlp_column:
-        _set(mlp, name, _column(_linear_check(_get(mlp, name), f"{path}.{name}"), cols, comm))
-    _set(mlp, spec.mlp_row, _row(_linear_check(_get(mlp, spec.mlp_row), f"{path}.{spec.mlp_row}"), cols, comm))
+        old = _proj(mlp, name, path)
+        if _in_out(old)[1] != width * spec.mlp_stacked:
+            raise ValueError(
+                f"{_join(path, name)}: has {_in_out(old)[1]} outputs, expected {spec.mlp_stacked} x {width} "
+                f"(the inputs of {spec.mlp_row})"
+            )
+        # [gate | up] stacked: the same columns from every block.
+        ranges = tuple((k * width + cols.start, k * width + cols.stop) for k in range(spec.mlp_stacked))
+        _set(mlp, name, _column(old, ranges, ctx.comm))
+    where = _join(path, spec.mlp_row)
+    _set(mlp, spec.mlp_row, _row(row, ((cols.start, cols.stop),), ctx.comm, sink=sink, partial=partial, where=where))
+
+
+def _expert_param(experts: nn.Module, name: str, where: str) -> nn.Parameter:
+    param = getattr(experts, name, None)
+    if not isinstance(param, nn.Parameter) or param.dim() != 3:
+        found = type(param).__name__ if not isinstance(param, torch.Tensor) else f"a {param.dim()}-D tensor"
+        raise TypeError(f"{_join(where, name)}: expected a 3-D (experts, out, in) parameter, found {found}")
+    return param
+
+
+def _shard_moe(block: nn.Module, spec: ArchSpec, ctx: _Context, path: str) -> None:
+    """Shard every expert by intermediate columns; reduce the block's output once.
+
+    The experts' fused weights are 3-D: ``gate_up`` (experts, [gate | up],
+    hidden) and ``down`` (experts, hidden, intermediate), or their transposes
+    when the module says ``is_transposed``. Each rank computes every routed
+    token's expert outputs over its columns: a partial sum; the block adds
+    them (and the shared expert's partial output) and one all-reduce on the
+    block's output completes all of them.
+    """
+    where = _join(path, spec.moe_experts)
+    experts = _get(block, spec.moe_experts, path)
+    if getattr(experts, "has_bias", False) or getattr(experts, "has_post_expert_norm", False):
+        raise ValueError(f"{where}: experts with biases or a post-expert norm are not supported")
+    transposed = bool(getattr(experts, "is_transposed", False))
+    gated = bool(getattr(experts, "has_gate", True))
+    concatenated = bool(getattr(experts, "is_concatenated", True))
+    gate_up = _expert_param(experts, spec.moe_gate_up, where)
+    down = _expert_param(experts, spec.moe_down, where)
+    up_dim, down_dim = (2, 1) if transposed else (1, 2)
+    width = int(down.shape[down_dim])
+    blocks = 2 if gated else 1
+    if gate_up.shape[up_dim] != blocks * width:
+        raise ValueError(
+            f"{_join(where, spec.moe_gate_up)}: dim {up_dim} is {gate_up.shape[up_dim]}, expected {blocks} x {width}"
+        )
+    # Grouped-GEMM expert kernels (torch._grouped_mm) need 16-byte row
+    # strides: keep each rank's expert width a multiple of 16 bytes.
+    cols = ctx.columns(width, unit=max(1, 16 // down.element_size()))
+    if gated and not concatenated:  # [g0, u0, g1, u1, ...]
+        up_ranges: tuple[tuple[int, int], ...] = ((2 * cols.start, 2 * cols.stop),)
+    else:  # [gate | up]: the same columns from both halves
+        up_ranges = tuple((k * width + cols.start, k * width + cols.stop) for k in range(blocks))
+    setattr(experts, spec.moe_gate_up, shard_parameter(gate_up, ShardSpec(up_dim, up_ranges)))
+    setattr(experts, spec.moe_down, shard_parameter(down, ShardSpec(down_dim, ((cols.start, cols.stop),))))
+    if isinstance(getattr(experts, "intermediate_dim", None), int):
+        experts.intermediate_dim = len(cols)
+    # The experts read their input directly (no ColumnParallel layer): sum
+    # its gradient, and the routing weights', over ranks in backward.
+    experts.register_forward_pre_hook(CopyInputs(ctx.comm), with_kwargs=True)
+
+    if spec.moe_shared_expert and _has(block, spec.moe_shared_expert):
+        shared_path = _join(path, spec.moe_shared_expert)
+        _shard_mlp(_get(block, spec.moe_shared_expert, path), spec, ctx, shared_path, partial=True)
+    for name in spec.moe_gates:
+        if _has(block, name):
+            _get(block, name, path).register_forward_hook(CopyOutput(ctx.comm))
+    block.register_forward_hook(ReduceOutput(ctx.comm))
+
+
+# ------------------------------------------------------------ embedding and head
 
 
 def _embedding_scale(emb: nn.Embedding) -> float | None:
@@ -101,46 +472,55 @@ def _embedding_scale(emb: nn.Embedding) -> float | None:
     return scale
 
 
+def _retie(model: nn.Module, old: torch.Tensor | None, new: torch.Tensor | None) -> None:
+    """Point every remaining alias of parameter ``old`` (a tie) at ``new``."""
+    if old is None or new is None:
+        return
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is old:
+                module._parameters[name] = new
+
+
 def _shard_vocab(model: nn.Module, spec: ArchSpec, plan: ModelPlan, rank: int, comm) -> None:
     rp = plan[rank]
-    emb = _get(model, spec.embedding)
+    emb_path = _model_path(model, spec.embedding)
+    if emb_path is None:
+        raise ValueError(f"{spec.embedding}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
+    emb = model.get_submodule(emb_path)
     if not isinstance(emb, nn.Embedding):
-        raise TypeError(f"{spec.embedding}: expected nn.Embedding, found {type(emb).__name__}")
+        raise TypeError(f"{emb_path}: expected nn.Embedding, found {type(emb).__name__}")
     new_emb = VocabParallelEmbedding(
         (rp.vocab.start, rp.vocab.stop), emb.embedding_dim, comm,
         scale=_embedding_scale(emb), padding_idx=emb.padding_idx, **_like(emb),
     )
     _fill(new_emb, emb)
-    head = _linear_check(_get(model, spec.lm_head), spec.lm_head)
-    tied = head.weight is emb.weight
-    vocab_ranges = [(r.vocab.start, r.vocab.stop) for r in plan.ranks]
-    new_head = ParallelLMHead(head.in_features, vocab_ranges, rank, comm, bias=head.bias is not None, **_like(head))
-    if tied:
-        new_head.weight = new_emb.weight  # same shard of the same table
-        if new_head.bias is not None:
-            copy_shard_(new_head.bias, head.bias, "lm_head.bias")
-    else:
-        _fill(new_head, head)
-    _set(model, spec.embedding, new_emb)
-    _set(model, spec.lm_head, new_head)
+
+    head_path = _model_path(model, spec.lm_head)
+    if head_path is None and not (spec.lm_head_optional or _is_bare(model)):
+        raise ValueError(f"{spec.lm_head}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
+    _set(model, emb_path, new_emb)
+    if head_path is not None:
+        head = model.get_submodule(head_path)
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"{head_path}: expected nn.Linear, found {type(head).__name__}")
+        tied = head.weight is emb.weight
+        vocab_ranges = [(r.vocab.start, r.vocab.stop) for r in plan.ranks]
+        new_head = ParallelLMHead(head.in_features, vocab_ranges, rank, comm, bias=head.bias is not None, **_like(head))
+        new_head.train(head.training)
+        if tied:
+            new_head.weight = new_emb.weight  # same shard of the same table
+            if new_head.bias is not None and head.bias.device.type != "meta":
+                copy_shard_(new_head.bias, head.bias, "lm_head.bias")
+        else:
+            _fill(new_head, head)
+        _set(model, head_path, new_head)
+        # BERT ties the decoder bias to cls.predictions.bias: keep the tie.
+        _retie(model, head.bias, new_head.bias)
+    _retie(model, emb.weight, new_emb.weight)
 
 
-def _sum_replicated_grads(module: ColumnParallelLinear, full_rows: int, comm: Communicator) -> None:
-    """KV heads held by several ranks get partial gradients; sum the copies.
-
-    Each rank scatters its rows into a zero tensor of the full shape; the
-    all-reduce then sums exactly the ranks holding each head.
-    """
-    (start, stop), = module.weight.tp_shard.ranges
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        full = grad.new_zeros((full_rows,) + tuple(grad.shape[1:]))
-        full[start:stop] = grad
-        return comm.all_reduce_(full)[start:stop].clone()
-
-    for param in (module.weight, module.bias):
-        if param is not None:
-            param.register_hook(hook)
+# ------------------------------------------------------------ plan agreement
 
 
 def _plan_fingerprint(plan: ModelPlan) -> torch.Tensor:
@@ -169,16 +549,49 @@ def synchronize_rng(comm: Communicator) -> None:
     torch.set_rng_state(state)
 
 
+# ------------------------------------------------------------ entry point
+
+
+def _shard_layers(model: nn.Module, spec: ArchSpec, ctx: _Context) -> None:
+    layers_path = _model_path(model, spec.layers)
+    if layers_path is None:
+        raise ValueError(f"{spec.layers}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
+    layers = model.get_submodule(layers_path)
+    if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"{layers_path}: expected a ModuleList of layers, found {type(layers).__name__}")
+    for i, layer in enumerate(layers):
+        path = f"{layers_path}.{i}"
+        # Parallel attention + MLP: both row-parallel outputs go to one sink,
+        # reduced once by the layer's hooks.
+        sink = PartialSum(ctx.comm, path, members=2) if spec.parallel_block else None
+        attn_path = _join(path, spec.attention)
+        _shard_attention(_get(layer, spec.attention, path), spec, ctx, attn_path, sink)
+        mlp = _get(layer, spec.mlp, path)
+        mlp_path = _join(path, spec.mlp)
+        if spec.moe_experts and _has(mlp, spec.moe_experts):
+            if sink is not None:
+                raise ValueError(f"{mlp_path}: MoE blocks in parallel attention+MLP layers are not supported")
+            _shard_moe(mlp, spec, ctx, mlp_path)
+        else:
+            _shard_mlp(mlp, spec, ctx, mlp_path, sink=sink)
+        if sink is not None:
+            layer.register_forward_pre_hook(sink.before_block)
+            layer.register_forward_hook(sink.after_block)
+
+
 def parallelize(
     model: nn.Module,
     shares: Sequence[float] | None = None,
     comm: Communicator | None = None,
     rank: int | None = None,
+    spec: ArchSpec | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place across the tensor-parallel group; return it.
 
     Every rank must pass the same model (same config and weights) and the
     same ``shares``. ``comm`` defaults to the one from ``tp_engine.init()``.
+    ``spec`` overrides the architecture spec ``models.resolve_spec`` would
+    pick (for checking a candidate spec); its ``specialize`` still applies.
     """
     if comm is None:
         from .distributed import init
@@ -188,22 +601,16 @@ def parallelize(
         raise ValueError("parallelize: this model is already sharded; pass the original model")
     rank = comm.rank if rank is None else rank
     config = model.config
-    spec = resolve_spec(model, comm.world_size, shares)
+    if spec is None:
+        spec = resolve_spec(model, comm.world_size, shares)
+    spec = spec.for_config(config)
     dims = ModelDims.from_config(config)
     plan = plan_model(dims, comm.world_size, shares)
     if comm.world_size > 1:
         _check_ranks_agree(plan, comm)
-    rp = plan[rank]
+    ctx = _Context(plan, rank, comm)
 
-    layers = _get(model, spec.layers)
-    for i, layer in enumerate(layers):
-        path = f"{spec.layers}.{i}"
-        _shard_attention(_get(layer, spec.attention), spec, rp, dims, comm, f"{path}.{spec.attention}")
-        _shard_mlp(_get(layer, spec.mlp), spec, rp, comm, f"{path}.{spec.mlp}")
-        if plan.replicated_kv_heads:
-            attn = _get(layer, spec.attention)
-            for name in (spec.k_proj, spec.v_proj):
-                _sum_replicated_grads(_get(attn, name), dims.num_kv_heads * dims.head_dim, comm)
+    _shard_layers(model, spec, ctx)
     _shard_vocab(model, spec, plan, rank, comm)
 
     model.tp_engine_plan = plan

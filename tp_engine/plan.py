@@ -59,10 +59,22 @@ class ModelDims:
         """Read the dimensions from a Hugging Face ``PretrainedConfig``."""
         config = getattr(config, "text_config", None) or config
         heads = _first_attr(config, "num_attention_heads", "n_head", "num_heads")
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        kv_heads = getattr(config, "num_key_value_heads", None)
+        if kv_heads is None and getattr(config, "new_decoder_architecture", False):
+            kv_heads = getattr(config, "num_kv_heads", None)  # Falcon-40B/180B grouped layout
+        if kv_heads is None and getattr(config, "multi_query", False):
+            kv_heads = 1  # Falcon-7B style multi-query attention: one shared KV head
+        kv_heads = kv_heads or heads
         hidden = _first_attr(config, "hidden_size", "n_embd", "d_model")
         head_dim = getattr(config, "head_dim", None) or hidden // heads
-        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        # GPT-2/GPT-J: n_inner (None means 4 x hidden); OPT: ffn_dim; Falcon: ffn_hidden_size.
+        intermediate = (
+            getattr(config, "intermediate_size", None)
+            or getattr(config, "n_inner", None)
+            or getattr(config, "ffn_dim", None)
+            or getattr(config, "ffn_hidden_size", None)
+            or 4 * hidden
+        )
         return cls(
             num_q_heads=int(heads),
             num_kv_heads=int(kv_heads),

@@ -9,10 +9,30 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .bert import SPECS as _BERT_SPECS
+from .bloom import SPECS as _BLOOM_SPECS
+from .falcon import SPECS as _FALCON_SPECS
+from .gpt2 import SPECS as _GPT2_SPECS
+from .gpt_neox import SPECS as _GPT_NEOX_SPECS
+from .gptj import SPECS as _GPTJ_SPECS
 from .llama import SPECS as _LLAMA_SPECS
+from .moe import SPECS as _MOE_SPECS
+from .opt import SPECS as _OPT_SPECS
+from .phi3 import SPECS as _PHI3_SPECS
 from .spec import ArchSpec
 
-SPECS: dict[str, ArchSpec] = {**_LLAMA_SPECS}
+SPECS: dict[str, ArchSpec] = {
+    **_LLAMA_SPECS,
+    **_GPT2_SPECS,
+    **_GPT_NEOX_SPECS,
+    **_PHI3_SPECS,
+    **_FALCON_SPECS,
+    **_GPTJ_SPECS,
+    **_BLOOM_SPECS,
+    **_OPT_SPECS,
+    **_BERT_SPECS,
+    **_MOE_SPECS,
+}
 
 
 def supported_model_types() -> list[str]:

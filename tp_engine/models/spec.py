@@ -1,7 +1,29 @@
-"""What an architecture spec says: where the tensor-parallel modules live."""
+"""What an architecture spec says: where the tensor-parallel modules live.
+
+A spec is plain data: dotted module paths and a few layout choices. Every
+field added after the Llama layout is optional, and its default keeps the
+Llama meaning, so a spec built with only the original fields (layers,
+attention, q/k/v/o_proj, mlp, mlp_column, mlp_row, embedding, lm_head,
+q_head_attrs, kv_head_attrs) describes exactly what it always did.
+
+Paths are relative to the model (``layers``, ``embedding``, ``lm_head``),
+to a layer (``attention``, ``mlp``; ``""`` is the layer itself), to the
+attention module (projections, ``attention_core``) or to the MLP module
+(``mlp_column``, ``mlp_row``, ``moe_*``). Model paths may start with the
+model's ``base_model_prefix`` (``"model.layers"``): a bare base model
+(``LlamaModel``, ``BertModel``) is found without it, and has no LM head.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, Callable
+
+# Fused q/k/v projection layouts (rows of the output, in order):
+#   "concat":  [all Q heads | all K heads | all V heads]   (GPT-2, Phi-3, Falcon-7B MQA)
+#   "grouped": per KV head j: [its Q heads | K_j | V_j]   (Falcon-40B; GPT-NeoX and BLOOM
+#              are the one-Q-head-per-group case, [q_h | k_h | v_h] per head)
+QKV_LAYOUTS = ("concat", "grouped")
 
 
 @dataclass(frozen=True)
@@ -27,3 +49,80 @@ class ArchSpec:
     # become rank-local (num_key_value_groups is always set).
     q_head_attrs: tuple[str, ...] = ("num_heads", "num_attention_heads")
     kv_head_attrs: tuple[str, ...] = ("num_key_value_heads", "num_kv_heads")
+
+    # ---- optional, for layouts beyond Llama's (defaults: Llama meaning)
+
+    # A fused q/k/v projection (path under the attention module), used
+    # instead of q_proj/k_proj/v_proj; ``qkv_layout`` is one of QKV_LAYOUTS.
+    qkv_proj: str | None = None
+    qkv_layout: str = "concat"
+    # Attention-module attributes holding the Q width (Q heads x head_dim)
+    # that the forward uses to split or reshape (GPT-2's ``split_size``).
+    q_width_attrs: tuple[str, ...] = ()
+    # Config attributes the attention forward reads as the Q head count
+    # (Phi-3 slices its fused qkv at ``config.num_attention_heads``): the
+    # module gets a view of the config with the rank-local count.
+    attention_config_heads: tuple[str, ...] = ()
+    # The submodule (under ``attention``) that runs the attention math and
+    # holds the head-count attributes; "" is the attention module itself
+    # (BERT: ``attention.self`` does the math, ``attention.output.dense``
+    # is the output projection).
+    attention_core: str = ""
+    # Keyword argument of the attention forward carrying ALiBi biases shaped
+    # (batch * heads, 1, keys) for all heads (BLOOM): narrowed to this rank's heads.
+    alibi_kwarg: str | None = None
+
+    # Each ``mlp_column`` layer's output stacks this many blocks of the
+    # intermediate width (Phi-3's gate_up_proj = [gate | up] is 2); a rank
+    # takes its columns from every block.
+    mlp_stacked: int = 1
+
+    # Attention and MLP run in parallel from the layer input and the layer
+    # adds both to the residual (GPT-J, GPT-NeoX parallel residual, Falcon
+    # parallel_attn): their two partial sums are all-reduced once, together.
+    parallel_block: bool = False
+
+    # Mixture of experts. When the layer's ``mlp`` module has a submodule at
+    # ``moe_experts``, it is an MoE block: the experts' fused 3-D weights
+    # (``moe_gate_up``: [gate | up] per expert, ``moe_down``) are sharded along
+    # the intermediate dimension, the router stays replicated, and the MoE
+    # block's output (the sum over experts, plus ``moe_shared_expert``, an MLP
+    # with the ``mlp_column``/``mlp_row`` names) is all-reduced once.
+    # ``moe_gates``: replicated modules whose output scales a partial sum
+    # (Qwen2-MoE's shared_expert_gate); their gradient is summed over ranks.
+    # A layer whose ``mlp`` lacks ``moe_experts`` is a dense MLP (Qwen2-MoE
+    # mixes both).
+    moe_experts: str | None = None
+    moe_gate_up: str = "gate_up_proj"
+    moe_down: str = "down_proj"
+    moe_shared_expert: str | None = None
+    moe_gates: tuple[str, ...] = ()
+
+    # Encoders: task heads vary (BertModel has none, BertForSequenceClassification
+    # has a classifier), so a model without a module at ``lm_head`` keeps
+    # whatever head it has, replicated.
+    lm_head_optional: bool = False
+
+    # Config-dependent choices (Falcon's qkv layout depends on
+    # ``new_decoder_architecture``): a function from the model config to the
+    # spec to use, or None. It may raise ValueError for unsupported configs.
+    specialize: Callable[[Any], "ArchSpec"] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"ArchSpec {self.family!r}: qkv_layout must be one of {QKV_LAYOUTS}, got {self.qkv_layout!r}")
+        if not isinstance(self.mlp_stacked, int) or self.mlp_stacked < 1:
+            raise ValueError(f"ArchSpec {self.family!r}: mlp_stacked must be a positive integer, got {self.mlp_stacked!r}")
+
+    def for_config(self, config: Any) -> "ArchSpec":
+        """The spec to use for a model with this config (``specialize`` applied)."""
+        if self.specialize is None:
+            return self
+        spec = self.specialize(config)
+        if not isinstance(spec, ArchSpec):
+            raise TypeError(f"ArchSpec {self.family!r}: specialize returned {type(spec).__name__}, not ArchSpec")
+        return dataclasses.replace(spec, specialize=None)
+
+    def replace(self, **changes: Any) -> "ArchSpec":
+        """A copy with some fields changed (for ``specialize`` functions)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,26 @@
+"""Mixture-of-experts families with the Llama attention: Mixtral, Qwen2-MoE.
+
+Checked against transformers 5.x ``modeling_mixtral.py`` /
+``modeling_qwen2_moe.py``: the experts are one module with fused 3-D
+weights, ``gate_up_proj`` (experts, 2 x intermediate, hidden) = [gate | up]
+and ``down_proj`` (experts, hidden, intermediate), run by whichever experts
+implementation the config selects (all read sizes from the tensors). Each
+rank keeps its intermediate columns of every expert (dim 1 of gate_up in
+two pieces, dim 2 of down), so every expert runs on every rank over a slice,
+and routing needs no communication. The router stays replicated. The
+MoE block's output, a sum of partial sums over experts (plus Qwen2-MoE's
+shared expert, sharded the same way, times its replicated sigmoid gate), is
+all-reduced once per block. Qwen2-MoE's dense layers (``mlp_only_layers``,
+``decoder_sparse_step``) are ordinary gated MLPs.
+"""
+from .llama import LLAMA_LAYOUT
+
+MIXTRAL_LAYOUT = LLAMA_LAYOUT.replace(family="mixtral", moe_experts="experts")
+QWEN2_MOE_LAYOUT = LLAMA_LAYOUT.replace(
+    family="qwen2_moe",
+    moe_experts="experts",
+    moe_shared_expert="shared_expert",
+    moe_gates=("shared_expert_gate",),
+)
+
+SPECS = {"mixtral": MIXTRAL_LAYOUT, "qwen2_moe": QWEN2_MOE_LAYOUT}
