@@ -194,6 +194,21 @@ def _float_matmul(w: torch.Tensor, b: torch.Tensor | None):
     return lambda x: F.linear(x, w, b)
 
 
+def _int4_group(k: int, requested: int | None) -> int | None:
+    """The int4 group size for a weight with ``k`` inputs: ``requested`` (default 64) when it
+    divides k, else the largest even divisor of k below it (sharding can leave odd widths),
+    else None."""
+    from .quantize import DEFAULT_GROUP_SIZE
+
+    want = requested or DEFAULT_GROUP_SIZE
+    if k % want == 0:
+        return want
+    for g in range(min(want, k) - (min(want, k) % 2), 1, -2):
+        if k % g == 0:
+            return g
+    return None
+
+
 def _quantized_matmul(qw, b: torch.Tensor | None):
     return qw if b is None else (lambda x: qw(x).add_(b))
 
@@ -215,7 +230,9 @@ class FastDecoder:
     ``weight_bits`` 8 or 4 makes this decoder a quantized copy of the model
     (``tp_engine.quantize.quantize_weight`` on the fused weights and the LM
     head; the embedding stays shared): the cheap draft of speculative
-    decoding. The model itself is left untouched.
+    decoding. The model itself is left untouched. int4 uses groups of
+    ``group_size`` inputs, smaller where a shard's width demands it, and int8
+    for a matrix whose width has no even divisor (an uneven split's odd shard).
     """
 
     def __init__(
@@ -328,7 +345,12 @@ class FastDecoder:
             return _float_matmul(w, b)
         from .quantize import quantize_weight
 
-        return _quantized_matmul(quantize_weight(w, self.weight_bits, self.group_size), b)
+        bits, group = self.weight_bits, None
+        if bits == 4:
+            group = _int4_group(w.shape[1], self.group_size)
+            if group is None:  # no even group fits this shard's width (e.g. 67 columns): int8 for this matrix
+                bits = 8
+        return _quantized_matmul(quantize_weight(w, bits, group), b)
 
     def _vocab(self, model: nn.Module) -> None:
         emb = model.get_input_embeddings()

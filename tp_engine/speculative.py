@@ -152,6 +152,16 @@ class _Round:
             )
 
 
+def _fail_together(comm, error: Exception | None) -> None:
+    """Raise on every rank if building the draft failed on any (no rank waits for a dead peer)."""
+    flags = comm.all_gather(torch.tensor([[int(error is not None)]], dtype=torch.int64), dim=0)
+    failed = [r for r in range(flags.shape[0]) if int(flags[r, 0])]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"speculative decoding: rank {failed[0]} could not build its draft (see its error)")
+
+
 def _digest(ids: torch.Tensor) -> int:
     w = torch.arange(1, ids.numel() + 1, dtype=torch.int64)
     return int((ids.cpu().long().flatten() * w).sum()) * 1_000_003 + ids.numel()
@@ -201,9 +211,17 @@ def speculative_generate(
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ValueError(f"speculative decoding handles one non-empty prompt, got input_ids of shape {tuple(input_ids.shape)}")
 
-    drafter = draft_decoder(model, draft, group_size)
-    if drafter is target:  # the model drafting for itself: it needs a cache of its own
-        drafter = FastDecoder(draft, comm=target.comm)
+    draft_error: Exception | None = None
+    try:
+        drafter = draft_decoder(model, draft, group_size)
+        if drafter is target:  # the model drafting for itself: it needs a cache of its own
+            drafter = FastDecoder(draft, comm=target.comm)
+    except (ValueError, TypeError, RuntimeError) as e:  # shared with the other ranks below, then raised
+        if world == 1:
+            raise
+        drafter, draft_error = None, e
+    if world > 1:
+        _fail_together(comm, draft_error)
     if drafter is not None and drafter.world > 1:
         if drafter.world != world or drafter.rank != rank:
             raise ValueError(
