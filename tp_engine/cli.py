@@ -1,4 +1,4 @@
-"""``tp-engine generate | chat | bench``: the engine from a terminal.
+"""``tp-engine generate | chat | bench | check``: the engine from a terminal.
 
 Works as a single process, with ``--nproc N`` (starts N local ranks itself),
 under ``torchrun --nproc-per-node N -m tp_engine ...`` and under
@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="time to first token and decode speed")
     bench.add_argument("--prompt-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=3)
+    check = sub.add_parser(
+        "check", help="plan a model over N ranks and parity-check the plan on a tiny copy (reads no weights)"
+    )
+    check.add_argument("model", nargs="?", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    check.add_argument("--model", dest="model_option", default=None, help="the same, as an option (like the other commands)")
+    check.add_argument("--tp", type=int, default=2, help="number of ranks to plan for (default 2)")
+    check.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
+    check.add_argument("--verbose", action="store_true", help="full tracebacks")
     return parser
 
 
@@ -222,9 +230,71 @@ def cmd_bench(args, rt, model, tokenizer) -> None:
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
 
 
+def _bytes(n: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``tp-engine check``: 0 when the plan passes its parity check, 1 (one line why) when not."""
+    if args.tp < 1:
+        raise UsageError(f"--tp must be at least 1, got {args.tp}")
+    shares = parse_shares(args.shares)
+    if shares is not None and len(shares) != args.tp:
+        raise UsageError(f"--shares has {len(shares)} entries but --tp is {args.tp}")
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        raise UsageError(f"two models given: {args.model} and --model {args.model_option}")
+    from .check import check_model
+    from .loading import load_config
+
+    config = load_config(args.model or args.model_option)
+    try:
+        result = check_model(config, args.tp, shares)
+    except ValueError as exc:  # the split itself is impossible (more ranks than heads...)
+        print(f"tp-engine: check failed: {exc}".splitlines()[0], file=sys.stderr, flush=True)
+        return 1
+    source = {
+        "spec": f"declared spec ({result.spec.family if result.spec else '?'})",
+        "auto": "auto-planner (inferred from the module structure; used only if the parity check passes)",
+        "none": "none",
+    }[result.plan_source]
+    print(f"model: {config.name_or_path} ({result.model_type}, {result.model_class})")
+    print(f"plan source: {source}")
+    if result.plan is not None:
+        lines = result.plan.describe().splitlines()
+        print(lines[0])
+        for line, nbytes in zip(lines[1:], result.rank_bytes or [None] * len(lines[1:])):
+            extra = f", params {_bytes(nbytes)} ({str(result.dtype).replace('torch.', '')})" if nbytes is not None else ""
+            print(line + extra)
+    if result.parity is not None:
+        p = result.parity
+        verdict = "pass" if p.ok else "FAIL"
+        print(
+            f"parity at TP={args.tp} (tiny random float32 copy vs. transformers): {verdict}, "
+            f"max |logit diff| {p.max_abs_diff:.2g}, greedy tokens {'identical' if p.greedy_match else 'differ'}"
+        )
+    if not result.ok:
+        print(f"tp-engine: check failed: {result.reason}".splitlines()[0], file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "check":  # no ranks, no runtime: a config, a plan and a thread-rank parity check
+        try:
+            return cmd_check(args)
+        except Exception as exc:  # noqa: BLE001 - one clear line, as for the other commands
+            if args.verbose or os.environ.get("TP_ENGINE_DEBUG"):
+                raise
+            kind = "" if isinstance(exc, (ValueError, FileNotFoundError, TypeError)) else f"{type(exc).__name__}: "
+            print(f"tp-engine: error: {kind}{exc}".splitlines()[0], file=sys.stderr, flush=True)
+            return 2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1
     try:
         _validate(args)
         if args.nproc and args.nproc > 1 and not _already_launched():
