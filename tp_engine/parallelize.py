@@ -16,7 +16,10 @@ What the spec (``models/spec.py``) can describe, and what happens here:
   (:class:`~tp_engine.layers.PartialSum`);
 * MoE blocks with fused 3-D expert weights, all-reduced once per block;
 * ALiBi biases narrowed to the rank's heads; config views with rank-local
-  head counts for modules that read them from the config.
+  head counts for modules that read them from the config;
+* partial plans: roles a spec replicates (attention, MLP, embedding, LM
+  head) stay whole on every rank, and layers that differ are sharded by the
+  spec of their kind (``ArchSpec.layer_kinds``, keyed by :func:`layer_kind`).
 """
 from __future__ import annotations
 
@@ -349,6 +352,13 @@ def _shard_attention(attn: nn.Module, spec: ArchSpec, ctx: _Context, path: str, 
             new = _column(old, _heads(rp.kv_heads, hd), comm)
             _set(attn, name, new)
             kv_modules.append((new, [(0, rp.kv_heads.start * hd, kv_len)], nkv * hd))
+    for name in spec.q_head_projs:
+        # Per-Q-head output rows (an output gate): each head owns out // nq rows.
+        extra = _proj(attn, name, path)
+        out = _in_out(extra)[1]
+        if out % nq:
+            raise ValueError(f"{_join(path, name)}: {out} outputs is not a whole number of rows per each of {nq} Q heads")
+        _set(attn, name, _column(extra, _heads(rp.q_heads, out // nq), comm))
     o = _proj(attn, spec.o_proj, path)
     if _in_out(o)[0] != nq * hd:
         raise ValueError(f"{_join(path, spec.o_proj)}: has {_in_out(o)[0]} inputs, expected {nq} heads x {hd}")
@@ -372,6 +382,12 @@ def _shard_attention(attn: nn.Module, spec: ArchSpec, ctx: _Context, path: str, 
         if config is None:
             raise ValueError(f"{_join(path, spec.attention_core)}: spec expects a `config` attribute on the attention module")
         core.config = _ConfigView(config, {name: len(rp.q_heads) for name in spec.attention_config_heads})
+    for name in spec.q_head_params:
+        param = getattr(core, name, None)
+        if not isinstance(param, nn.Parameter) or param.dim() < 1 or param.shape[0] % nq:
+            raise ValueError(f"{_join(path, spec.attention_core, name)}: expected a parameter whose dim 0 runs over {nq} Q heads")
+        per_head = param.shape[0] // nq
+        setattr(core, name, shard_parameter(param, ShardSpec(0, _heads(rp.q_heads, per_head))))
     if spec.alibi_kwarg:
         attn.register_forward_pre_hook(_NarrowAlibi(spec.alibi_kwarg, rp.q_heads, nq, path), with_kwargs=True)
 
@@ -397,8 +413,12 @@ def _shard_mlp(
                 f"{_join(path, name)}: has {_in_out(old)[1]} outputs, expected {spec.mlp_stacked} x {width} "
                 f"(the inputs of {spec.mlp_row})"
             )
-        # [gate | up] stacked: the same columns from every block.
-        ranges = tuple((k * width + cols.start, k * width + cols.stop) for k in range(spec.mlp_stacked))
+        if spec.mlp_stacked_layout == "interleaved":
+            # [g0, u0, g1, u1, ...]: column j owns rows j * blocks .. (j + 1) * blocks.
+            ranges: tuple[tuple[int, int], ...] = ((cols.start * spec.mlp_stacked, cols.stop * spec.mlp_stacked),)
+        else:
+            # [gate | up] stacked: the same columns from every block.
+            ranges = tuple((k * width + cols.start, k * width + cols.stop) for k in range(spec.mlp_stacked))
         _set(mlp, name, _column(old, ranges, ctx.comm))
     where = _join(path, spec.mlp_row)
     _set(mlp, spec.mlp_row, _row(row, ((cols.start, cols.stop),), ctx.comm, sink=sink, partial=partial, where=where))
@@ -453,6 +473,15 @@ def _shard_moe(block: nn.Module, spec: ArchSpec, ctx: _Context, path: str) -> No
     # its gradient, and the routing weights', over ranks in backward.
     experts.register_forward_pre_hook(CopyInputs(ctx.comm), with_kwargs=True)
 
+    if spec.moe_reduce == "experts":
+        # The experts' output is complete after one all-reduce; whatever the
+        # block then does with it (and with its shared expert, an ordinary
+        # self-reducing MLP) sees full tensors, as unsharded.
+        experts.register_forward_hook(ReduceOutput(ctx.comm))
+        if spec.moe_shared_expert and _has(block, spec.moe_shared_expert):
+            shared_path = _join(path, spec.moe_shared_expert)
+            _shard_mlp(_get(block, spec.moe_shared_expert, path), spec, ctx, shared_path)
+        return
     if spec.moe_shared_expert and _has(block, spec.moe_shared_expert):
         shared_path = _join(path, spec.moe_shared_expert)
         _shard_mlp(_get(block, spec.moe_shared_expert, path), spec, ctx, shared_path, partial=True)
@@ -469,6 +498,11 @@ def _embedding_scale(emb: nn.Embedding) -> float | None:
     scale = getattr(emb, "scalar_embed_scale", None)
     if scale is None and isinstance(getattr(emb, "embed_scale", None), torch.Tensor):
         scale = float(emb.embed_scale)
+    elif scale is None and type(emb).forward is not nn.Embedding.forward:
+        # Scaled-embedding subclasses keeping a plain float (BioGPT, XGLM, the BART family).
+        value = getattr(emb, "embed_scale", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale = float(value)
     return scale
 
 
@@ -484,6 +518,16 @@ def _retie(model: nn.Module, old: torch.Tensor | None, new: torch.Tensor | None)
 
 def _shard_vocab(model: nn.Module, spec: ArchSpec, plan: ModelPlan, rank: int, comm) -> None:
     rp = plan[rank]
+    shard_emb, shard_head = "embedding" not in spec.replicate, "lm_head" not in spec.replicate
+    if not shard_emb and not shard_head:
+        return
+    if not shard_emb:
+        # The embedding stays whole; the LM head (tied or not) still splits by vocabulary.
+        head_path = _model_path(model, spec.lm_head)
+        if head_path is None:
+            raise ValueError(f"{spec.lm_head}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
+        _shard_head(model, head_path, None, plan, rank, comm)
+        return
     emb_path = _model_path(model, spec.embedding)
     if emb_path is None:
         raise ValueError(f"{spec.embedding}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
@@ -497,27 +541,39 @@ def _shard_vocab(model: nn.Module, spec: ArchSpec, plan: ModelPlan, rank: int, c
     _fill(new_emb, emb)
 
     head_path = _model_path(model, spec.lm_head)
-    if head_path is None and not (spec.lm_head_optional or _is_bare(model)):
+    if head_path is None and shard_head and not (spec.lm_head_optional or _is_bare(model)):
         raise ValueError(f"{spec.lm_head}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
+    if not shard_head and head_path is not None and getattr(model.get_submodule(head_path), "weight", None) is emb.weight:
+        raise ValueError(f"{head_path}: a replicated LM head tied to a split embedding ({emb_path}) cannot keep its tie")
     _set(model, emb_path, new_emb)
-    if head_path is not None:
-        head = model.get_submodule(head_path)
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"{head_path}: expected nn.Linear, found {type(head).__name__}")
-        tied = head.weight is emb.weight
-        vocab_ranges = [(r.vocab.start, r.vocab.stop) for r in plan.ranks]
-        new_head = ParallelLMHead(head.in_features, vocab_ranges, rank, comm, bias=head.bias is not None, **_like(head))
-        new_head.train(head.training)
-        if tied:
-            new_head.weight = new_emb.weight  # same shard of the same table
-            if new_head.bias is not None and head.bias.device.type != "meta":
-                copy_shard_(new_head.bias, head.bias, "lm_head.bias")
-        else:
-            _fill(new_head, head)
-        _set(model, head_path, new_head)
-        # BERT ties the decoder bias to cls.predictions.bias: keep the tie.
-        _retie(model, head.bias, new_head.bias)
+    if head_path is not None and shard_head:
+        _shard_head(model, head_path, (emb, new_emb), plan, rank, comm)
     _retie(model, emb.weight, new_emb.weight)
+
+
+def _shard_head(
+    model: nn.Module, head_path: str, embeddings: tuple[nn.Embedding, VocabParallelEmbedding] | None,
+    plan: ModelPlan, rank: int, comm,
+) -> None:
+    """Split the LM head by vocabulary; ``embeddings`` (old, new) when the embedding was split too."""
+    head = model.get_submodule(head_path)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{head_path}: expected nn.Linear, found {type(head).__name__}")
+    tied = embeddings is not None and head.weight is embeddings[0].weight
+    vocab_ranges = [(r.vocab.start, r.vocab.stop) for r in plan.ranks]
+    new_head = ParallelLMHead(head.in_features, vocab_ranges, rank, comm, bias=head.bias is not None, **_like(head))
+    new_head.train(head.training)
+    if tied:
+        new_head.weight = embeddings[1].weight  # same shard of the same table
+        if new_head.bias is not None and head.bias.device.type != "meta":
+            copy_shard_(new_head.bias, head.bias, "lm_head.bias")
+    else:
+        # An untied head, or one tied to an embedding that stays whole: its own
+        # shard (the whole table stays with the embedding).
+        _fill(new_head, head)
+    _set(model, head_path, new_head)
+    # BERT ties the decoder bias to cls.predictions.bias: keep the tie.
+    _retie(model, head.bias, new_head.bias)
 
 
 # ------------------------------------------------------------ plan agreement
@@ -552,28 +608,91 @@ def synchronize_rng(comm: Communicator) -> None:
 # ------------------------------------------------------------ entry point
 
 
-def _shard_layers(model: nn.Module, spec: ArchSpec, ctx: _Context) -> None:
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    text = get() if callable(get) else None
+    return text if text is not None else (getattr(config, "text_config", None) or config)
+
+
+def layer_types(config: Any, n_layers: int) -> list[str | None]:
+    """The config's per-layer type names (``layer_types``) when it has one entry per layer, else Nones."""
+    types = getattr(_text_config(config), "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == n_layers and all(isinstance(t, str) for t in types):
+        return list(types)
+    return [None] * n_layers
+
+
+def layer_kind(layer: nn.Module, layer_type: str | None = None) -> str:
+    """The key of a layer's kind: a digest of its parameter names, plus its ``layer_types`` entry.
+
+    Names, not shapes: a tiny copy of a model and the model itself give every
+    layer of the same kind the same key, whatever their sizes.
+    """
+    names = "\n".join(sorted(n for n, _ in layer.named_parameters()))
+    digest = hashlib.sha256(names.encode()).hexdigest()[:10]
+    return f"{layer_type}/{digest}" if layer_type else digest
+
+
+def layer_specs(model: nn.Module, spec: ArchSpec) -> tuple[str, list[ArchSpec]]:
+    """(layer list path, the spec each layer is sharded by): ``spec`` itself, or its layer kind's."""
     layers_path = _model_path(model, spec.layers)
     if layers_path is None:
         raise ValueError(f"{spec.layers}: no such module ({type(model).__name__} does not match the {spec.family} spec)")
     layers = model.get_submodule(layers_path)
     if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
         raise TypeError(f"{layers_path}: expected a ModuleList of layers, found {type(layers).__name__}")
-    for i, layer in enumerate(layers):
+    if not spec.layer_kinds:
+        return layers_path, [spec] * len(layers)
+    kinds = dict(spec.layer_kinds)
+    out = []
+    for i, (layer, kind_type) in enumerate(zip(layers, layer_types(model.config, len(layers)))):
+        key = layer_kind(layer, kind_type)
+        if key not in kinds:
+            raise ValueError(
+                f"{layers_path}.{i}: a layer of kind {key}, which the {spec.family} spec does not describe "
+                f"(it knows {', '.join(kinds)})"
+            )
+        out.append(kinds[key])
+    return layers_path, out
+
+
+def describe_spec(model: nn.Module, spec: ArchSpec) -> str:
+    """What a plan replicates, in words: "" for a plan that shards every role, else
+    e.g. "partial: attention replicated in 3/4 layers; embedding replicated"."""
+    try:
+        _, per_layer = layer_specs(model, spec)
+    except (ValueError, TypeError):
+        return ""
+    parts = []
+    for role, word in (("attention", "attention"), ("mlp", "MLP")):
+        n = sum(1 for s in per_layer if role in s.replicate)
+        if n:
+            parts.append(f"{word} replicated in {n}/{len(per_layer)} layers")
+    parts += [f"{role.replace('_', ' ')} replicated" for role in ("embedding", "lm_head") if role in spec.replicate]
+    return "partial: " + "; ".join(parts) if parts else ""
+
+
+def _shard_layers(model: nn.Module, spec: ArchSpec, ctx: _Context) -> None:
+    layers_path, per_layer = layer_specs(model, spec)
+    layers = model.get_submodule(layers_path)
+    for i, (layer, lspec) in enumerate(zip(layers, per_layer)):
         path = f"{layers_path}.{i}"
+        shard_attention, shard_mlp = "attention" not in lspec.replicate, "mlp" not in lspec.replicate
         # Parallel attention + MLP: both row-parallel outputs go to one sink,
-        # reduced once by the layer's hooks.
-        sink = PartialSum(ctx.comm, path, members=2) if spec.parallel_block else None
-        attn_path = _join(path, spec.attention)
-        _shard_attention(_get(layer, spec.attention, path), spec, ctx, attn_path, sink)
-        mlp = _get(layer, spec.mlp, path)
-        mlp_path = _join(path, spec.mlp)
-        if spec.moe_experts and _has(mlp, spec.moe_experts):
-            if sink is not None:
-                raise ValueError(f"{mlp_path}: MoE blocks in parallel attention+MLP layers are not supported")
-            _shard_moe(mlp, spec, ctx, mlp_path)
-        else:
-            _shard_mlp(mlp, spec, ctx, mlp_path, sink=sink)
+        # reduced once by the layer's hooks (only when both are sharded).
+        sink = PartialSum(ctx.comm, path, members=2) if lspec.parallel_block and shard_attention and shard_mlp else None
+        if shard_attention:
+            attn_path = _join(path, lspec.attention)
+            _shard_attention(_get(layer, lspec.attention, path), lspec, ctx, attn_path, sink)
+        if shard_mlp:
+            mlp = _get(layer, lspec.mlp, path)
+            mlp_path = _join(path, lspec.mlp)
+            if lspec.moe_experts and _has(mlp, lspec.moe_experts):
+                if sink is not None:
+                    raise ValueError(f"{mlp_path}: MoE blocks in parallel attention+MLP layers are not supported")
+                _shard_moe(mlp, lspec, ctx, mlp_path)
+            else:
+                _shard_mlp(mlp, lspec, ctx, mlp_path, sink=sink)
         if sink is not None:
             layer.register_forward_pre_hook(sink.before_block)
             layer.register_forward_hook(sink.after_block)

@@ -288,7 +288,10 @@ def speculative_generate(
         if k_round and runs_draft:
             feed = seq[d_len:]
             for _ in range(k_round):
-                h = drafter.extend_hidden(torch.tensor(feed, device=drafter.device), d_len)
+                if len(feed) == 1:  # the lean single-token step
+                    h = drafter.step_hidden(drafter._embed_token(feed[0]), d_len)
+                else:
+                    h = drafter.extend_hidden(torch.tensor(feed, device=drafter.device), d_len)
                 d_len += len(feed)
                 if do_sample:
                     q = _probs(drafter.rows_logits(h), temperature, top_k, top_p)[0]

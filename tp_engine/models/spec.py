@@ -24,6 +24,14 @@ from typing import Any, Callable
 #   "grouped": per KV head j: [its Q heads | K_j | V_j]   (Falcon-40B; GPT-NeoX and BLOOM
 #              are the one-Q-head-per-group case, [q_h | k_h | v_h] per head)
 QKV_LAYOUTS = ("concat", "grouped")
+# How ``mlp_stacked`` blocks sit in a stacked projection's output rows:
+#   "blocks":      [gate | up]                (Phi-3, GLM)
+#   "interleaved": [g0, u0, g1, u1, ...]      (row pairs, one pair per intermediate column)
+STACKED_LAYOUTS = ("blocks", "interleaved")
+# Roles a plan may leave whole on every rank (``ArchSpec.replicate``).
+REPLICABLE_ROLES = ("attention", "mlp", "embedding", "lm_head")
+# Where an MoE block's partial sums are all-reduced (``ArchSpec.moe_reduce``).
+MOE_REDUCE = ("block", "experts")
 
 
 @dataclass(frozen=True)
@@ -108,11 +116,59 @@ class ArchSpec:
     # spec to use, or None. It may raise ValueError for unsupported configs.
     specialize: Callable[[Any], "ArchSpec"] | None = dataclasses.field(default=None, compare=False, repr=False)
 
+    # ---- partial and per-layer plans (what the auto-planner needs beyond the above)
+
+    # Roles kept whole on every rank (a subset of REPLICABLE_ROLES): "attention"
+    # and "mlp" per layer, "embedding" and "lm_head" per model. A replicated
+    # module computes on every rank exactly what it computes unsharded, so a
+    # partial plan is correct by construction; it only gains less speed.
+    # Modules a spec names nowhere (cross-attention, state-space mixers,
+    # routers, norms) are replicated too, as they always were.
+    replicate: tuple[str, ...] = ()
+    # Layers that differ from each other (hybrids, dense and MoE layers, layer
+    # types): (kind key, spec) pairs, sorted by key. Layer i is sharded by the
+    # spec whose key is ``parallelize.layer_kind(...)`` of that layer (its
+    # parameter names and its ``layer_types`` entry, nothing that depends on
+    # the model's size); only the kind spec's per-layer fields (attention,
+    # projections, mlp, moe_*, replicate of "attention"/"mlp") are used. A
+    # layer whose key has no entry is an error, never a guess.
+    layer_kinds: tuple[tuple[str, "ArchSpec"], ...] = ()
+    # Parameters of the attention core whose dim 0 runs over Q heads (per-head
+    # attention sinks, per-head scales): each rank keeps its heads' rows.
+    q_head_params: tuple[str, ...] = ()
+    # Extra projections under the attention module whose output rows are
+    # per Q head (an output gate of width heads x head_dim, or one value per
+    # head): column-split by the rank's Q heads, like q_proj.
+    q_head_projs: tuple[str, ...] = ()
+    # The order of the ``mlp_stacked`` blocks in a stacked projection (STACKED_LAYOUTS).
+    mlp_stacked_layout: str = "blocks"
+    # Where an MoE layer's partial sums are all-reduced (MOE_REDUCE): "block",
+    # the MoE block's output, once (Mixtral, Qwen2-MoE: the block only adds
+    # partial sums); or "experts", the experts module's output, with the shared
+    # expert an ordinary MLP that reduces itself: right whatever the block does
+    # with the two (the auto-planner's choice; one more all-reduce when there
+    # is a shared expert).
+    moe_reduce: str = "block"
+    # Why parts of the plan are replicated, for people; not part of the plan's identity.
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
     def __post_init__(self) -> None:
         if self.qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"ArchSpec {self.family!r}: qkv_layout must be one of {QKV_LAYOUTS}, got {self.qkv_layout!r}")
         if not isinstance(self.mlp_stacked, int) or self.mlp_stacked < 1:
             raise ValueError(f"ArchSpec {self.family!r}: mlp_stacked must be a positive integer, got {self.mlp_stacked!r}")
+        if self.mlp_stacked_layout not in STACKED_LAYOUTS:
+            raise ValueError(
+                f"ArchSpec {self.family!r}: mlp_stacked_layout must be one of {STACKED_LAYOUTS}, got {self.mlp_stacked_layout!r}"
+            )
+        unknown = [r for r in self.replicate if r not in REPLICABLE_ROLES]
+        if unknown:
+            raise ValueError(f"ArchSpec {self.family!r}: replicate has unknown roles {unknown}; known: {REPLICABLE_ROLES}")
+        if self.moe_reduce not in MOE_REDUCE:
+            raise ValueError(f"ArchSpec {self.family!r}: moe_reduce must be one of {MOE_REDUCE}, got {self.moe_reduce!r}")
+        keys = [k for k, _ in self.layer_kinds]
+        if keys != sorted(set(keys)):
+            raise ValueError(f"ArchSpec {self.family!r}: layer_kinds keys must be unique and sorted, got {keys}")
 
     def for_config(self, config: Any) -> "ArchSpec":
         """The spec to use for a model with this config (``specialize`` applied)."""
