@@ -93,9 +93,22 @@ def test_parity_check_declared_and_auto(world, shares):
 
 
 def test_parity_check_reports_a_refusal():
-    report = parity_check(transformers.OlmoeConfig(), 2)
+    # BitNet normalizes attention and MLP activations across all heads / columns
+    # (attn_sub_norm, ffn_sub_norm): nothing in a layer can be split, and a
+    # vocabulary-only plan is refused rather than passed off as tensor parallel.
+    report = parity_check(transformers.BitNetConfig(), 2)
     assert not report.ok and report.plan_source == "none"
-    assert "mixture of experts" in report.reason and math.isnan(report.max_abs_diff)
+    assert "nothing in the layers can be sharded" in report.reason and math.isnan(report.max_abs_diff)
+    assert "attn_sub_norm" in report.reason and "ffn_sub_norm" in report.reason
+
+
+def test_parity_check_names_a_partial_plan():
+    report = parity_check(transformers.OlmoeConfig(), 2)  # q_norm over all heads: attention stays whole
+    assert report.ok, report.reason
+    assert report.plan_source == "auto" and report.partial == "partial: attention replicated in 2/2 layers"
+    assert report.plan == "auto (partial: attention replicated in 2/2 layers)"
+    full = parity_check(transformers.OlmoConfig(hidden_size=384, num_attention_heads=6), 2)
+    assert full.ok and full.partial == "" and full.plan == "auto"
 
 
 def test_parity_check_catches_a_silently_wrong_spec():
@@ -201,10 +214,20 @@ def test_cli_check_auto_planned_config_only(tmp_path, capsys):
 
 
 def test_cli_check_refused_architecture(tmp_path, capsys):
-    folder = _save(tmp_path, transformers.OlmoeConfig(), weights=False)
+    folder = _save(tmp_path, transformers.BitNetConfig(), weights=False)
     assert main(["check", folder, "--tp", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "check failed" in err[0] and "mixture of experts" in err[0]
+    assert len(err) == 1 and "check failed" in err[0] and "nothing in the layers can be sharded" in err[0]
+
+
+def test_cli_check_says_what_a_partial_plan_keeps_whole(tmp_path, capsys):
+    folder = _save(tmp_path, transformers.OlmoeConfig(num_hidden_layers=3), weights=False)
+    assert main(["check", folder, "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    plan_line = next(line for line in out.splitlines() if line.startswith("world 2"))
+    # Counted on the model's own layers (3), not the tiny copy's.
+    assert plan_line.endswith("; auto plan partial: attention replicated in 3/3 layers"), plan_line
+    assert "parity at TP=2" in out and ": pass," in out
 
 
 @pytest.mark.parametrize(

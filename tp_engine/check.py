@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import dataclasses
 import json
 import math
 import threading
@@ -178,6 +179,11 @@ def _shrink(d: dict) -> None:
         moe = any(isinstance(original.get(k), int) and original[k] > 1 for k in _EXPERT_KEYS)
         intermediate = 48 if moe else 3 * new_hidden // 2 + 2
         for k, v in list(d.items()):
+            if (k in _INTERMEDIATE_KEYS or "intermediate_size" in k) and isinstance(v, list) and v and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v
+            ):
+                d[k] = [intermediate] * len(v)  # one width per layer (Gemma 3n)
+                continue
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
             if k in _INTERMEDIATE_KEYS or "intermediate_size" in k:
@@ -380,6 +386,14 @@ class ParityReport:
     model_type: str = ""
     world_size: int = 0
     shares: tuple | None = None
+    # What the plan replicates, in words ("" for a plan that shards every role):
+    # "partial: attention replicated in 3/4 layers; ..." (``parallelize.describe_spec``).
+    partial: str = ""
+
+    @property
+    def plan(self) -> str:
+        """The plan's kind: "spec", "auto", "auto (partial: ...)" or "none"."""
+        return f"{self.plan_source} ({self.partial})" if self.partial else self.plan_source
 
 
 # Set while a check shards its tiny copy: the spec being checked. The inner
@@ -458,6 +472,47 @@ def _plan_source(model: nn.Module, spec: ArchSpec | None) -> tuple[str, ArchSpec
         return "none", None, f"auto-planner refused: {exc}"
 
 
+class _NoBench(Exception):
+    """No tiny copy to check on (the message is the reason)."""
+
+
+# Tiny copies and their unsharded reference outputs, by (class, tiny config,
+# seed, tokens): a model type's hypotheses and splits are all checked against
+# one reference instead of rebuilding it each time. Small: one walk at a time.
+_benches: dict[tuple, tuple] = {}
+_benches_lock = threading.Lock()
+_BENCHES_KEPT = 4
+
+
+def _bench(config: Any, model_class: type | None, seed: int, new_tokens: int) -> tuple[nn.Module, torch.Tensor, Any]:
+    """(tiny model, prompt, (logits, tokens, generate error) or why the unsharded model fails)."""
+    try:
+        tiny_cfg = tiny_config(config)
+        key = (model_class, type(config), json.dumps(tiny_cfg.to_dict(), sort_keys=True, default=repr), seed, new_tokens)
+    except Exception as exc:  # noqa: BLE001 - no tiny copy, no verdict: say so
+        raise _NoBench(f"the tiny copy does not build: {type(exc).__name__}: {exc}") from None
+    with _benches_lock:
+        hit = _benches.get(key)
+    if hit is not None:
+        return hit
+    try:
+        tiny = tiny_model(config, model_class, seed=seed)
+    except Exception as exc:  # noqa: BLE001
+        raise _NoBench(f"the tiny copy does not build: {type(exc).__name__}: {exc}") from None
+    input_ids = _prompt(tiny.config, seed)
+    try:
+        reference: Any = _forward_and_generate(tiny, input_ids, new_tokens)
+    except Exception as exc:  # noqa: BLE001
+        reference = f"the unsharded tiny model fails: {type(exc).__name__}: {exc}"
+    with _benches_lock:
+        while len(_benches) >= _BENCHES_KEPT:
+            _benches.pop(next(iter(_benches)))
+        _benches[key] = (tiny, input_ids, reference)
+        # The same bench, asked for by the class the config builds.
+        _benches[(type(tiny),) + key[1:]] = (tiny, input_ids, reference)
+    return tiny, input_ids, reference
+
+
 def parity_check(
     model_or_config: Any,
     world_size: int,
@@ -492,14 +547,15 @@ def _parity(
     config = model_or_config.config if is_model else model_or_config
     model_type = str(getattr(config, "model_type", "?"))
     shares_t = tuple(shares) if shares is not None else None
+    partial = ""
 
     def report(ok: bool, diff: float, match: bool, source: str, reason: str) -> ParityReport:
-        return ParityReport(ok, diff, match, source, reason, model_type, world_size, shares_t)
+        return ParityReport(ok, diff, match, source, reason, model_type, world_size, shares_t, partial)
 
     try:
-        tiny = tiny_model(config, type(model_or_config) if is_model else None, seed=seed)
-    except Exception as exc:  # noqa: BLE001 - no tiny copy, no verdict: say so
-        return report(False, math.nan, False, "none", f"the tiny copy does not build: {type(exc).__name__}: {exc}")
+        tiny, input_ids, reference = _bench(config, type(model_or_config) if is_model else None, seed, new_tokens)
+    except _NoBench as exc:
+        return report(False, math.nan, False, "none", str(exc))
     try:
         dims = ModelDims.from_config(tiny.config)
     except Exception as exc:  # noqa: BLE001 - an architecture the planner cannot describe
@@ -508,6 +564,9 @@ def _parity(
     source, use_spec, why = _plan_source(tiny, spec)
     if use_spec is None:
         return report(False, math.nan, False, source, why)
+    from .parallelize import describe_spec
+
+    partial = describe_spec(tiny, use_spec.for_config(tiny.config))
     if same_inference:
         # The guard checks the spec inferred from the real model on the tiny
         # copy; that only proves something if the copy has the same structure.
@@ -520,11 +579,16 @@ def _parity(
         if mine != use_spec:
             return report(False, math.nan, False, source, f"the tiny copy infers {mine}, not the model's {use_spec}")
 
-    input_ids = _prompt(tiny.config, seed)
-    try:
-        ref_logits, ref_tokens, ref_gen_error = _forward_and_generate(tiny, input_ids, new_tokens)
-    except Exception as exc:  # noqa: BLE001
-        return report(False, math.nan, False, source, f"the unsharded tiny model fails: {type(exc).__name__}: {exc}")
+    if isinstance(reference, str):
+        return report(False, math.nan, False, source, reference)
+    ref_logits, ref_tokens, ref_gen_error = reference
+    if atol == 1e-4 and seed == 0 and new_tokens == 4:
+        # The auto-planner may have run this very check already (same tiny
+        # copy, spec and split) while proving the spec: its verdict stands.
+        with _verdicts_lock:
+            known = _hypotheses.get(_structure_key(tiny, use_spec, world_size, shares))
+        if known is not None:
+            return dataclasses.replace(known, plan_source=source, partial=partial, shares=shares_t)
 
     copies = [copy.deepcopy(tiny) for _ in range(world_size)]
     # Hand parallelize the spec under test where it takes one; otherwise its
@@ -619,6 +683,53 @@ def guard_auto_spec(model: nn.Module, spec: ArchSpec, world_size: int, shares: S
         )
 
 
+# ------------------------------------------------------------ hypotheses
+
+_hypotheses: dict[tuple, ParityReport] = {}
+
+
+def hypothesis_verdict(model: nn.Module, spec: ArchSpec, world_size: int) -> ParityReport:
+    """The parity check of a candidate spec on a tiny copy of ``model`` (the auto-planner's proof).
+
+    Same check as ``parity_check`` (logits within 1e-4 and identical greedy
+    tokens against unsharded transformers), cached per (class, structural
+    config, spec, world size) like the guard's verdicts, so every rank and
+    every later inference of the same structure reuses it.
+    """
+    key = _structure_key(model, spec, world_size, None)
+    with _verdicts_lock:
+        verdict = _hypotheses.get(key)
+        lock = _verdict_locks.setdefault(("hypothesis",) + key, threading.Lock())
+    if verdict is None:
+        with lock:
+            verdict = _hypotheses.get(key)
+            if verdict is None:
+                try:
+                    verdict = _parity(model, world_size, None, spec, 4, 1e-4, 0, 120.0, same_inference=False)
+                except ValueError as exc:  # this split is impossible for the model (more ranks than heads)
+                    verdict = ParityReport(False, math.nan, False, "auto", str(exc), str(model.config.model_type), world_size)
+                with _verdicts_lock:
+                    _hypotheses[key] = verdict
+    return verdict
+
+
+_REFERENCE_PROBLEMS = (
+    "the tiny copy does not build",
+    "the unsharded tiny model fails",
+    "the unsharded tiny model's logits are not finite",
+    "greedy tokens not compared",
+)
+
+
+def reference_problem(report: ParityReport) -> str | None:
+    """Why ``report`` could not judge any plan (the tiny copy or transformers' own
+    unsharded run is at fault, not the sharding), or None."""
+    for part in report.reason.split("; "):
+        if part.startswith(_REFERENCE_PROBLEMS):
+            return part
+    return None
+
+
 # ------------------------------------------------------------ a whole-model dry run
 
 
@@ -669,6 +780,31 @@ class ModelCheck:
     parity: ParityReport | None
     ok: bool
     reason: str
+    # What an auto plan keeps whole ("" for a full plan), counted on the real
+    # model's layers: "partial: attention replicated in 12/24 layers; ...".
+    partial: str = ""
+
+    @property
+    def plan_kind(self) -> str:
+        """"spec", "auto", "auto (partial: ...)" or "none"."""
+        return f"{self.plan_source} ({self.partial})" if self.partial else self.plan_source
+
+
+def _described_plan(plan: Any, note: str) -> Any:
+    """``plan`` whose ``describe()`` names what the plan keeps whole on its first line
+    (what ``tp-engine check`` prints), so a partial plan is never shown as a full one."""
+    from .plan import ModelPlan
+
+    if not note:
+        return plan
+
+    class DescribedPlan(ModelPlan):
+        def describe(self) -> str:
+            lines = super().describe().splitlines()
+            lines[0] += f"; auto plan {note}"
+            return "\n".join(lines)
+
+    return DescribedPlan(plan.dims, plan.world_size, plan.shares, plan.ranks)
 
 
 def _config_dtype(config: Any) -> torch.dtype:
@@ -744,6 +880,11 @@ def check_model(config: Any, world_size: int, shares: Sequence[float] | None = N
     result.parity = _parity(
         meta, world_size, shares, result.spec, 4, 1e-4, 0, 120.0, same_inference=result.plan_source == "auto"
     )
+    if result.plan_source == "auto":
+        from .parallelize import describe_spec
+
+        result.partial = describe_spec(meta, result.spec.for_config(config))
+        result.plan = _described_plan(result.plan, result.partial)
     result.ok = result.parity.ok
     result.reason = result.parity.reason
     return result

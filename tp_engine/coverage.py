@@ -45,8 +45,21 @@ class Row:
     built: bool = False
     build_error: str = ""
     plan_source: str = "none"  # "spec" | "auto" | "none"
+    partial: str = ""  # what an auto plan replicates ("" for a full plan), see ParityReport.partial
     results: dict[int, Outcome] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def plan(self) -> str:
+        """"spec", "auto", "auto (partial: ...)" or "none"."""
+        return f"{self.plan_source} ({self.partial})" if self.partial else self.plan_source
+
+    @property
+    def plan_kind(self) -> str:
+        """"spec", "auto full", "auto partial" or "none"."""
+        if self.plan_source == "auto":
+            return "auto partial" if self.partial else "auto full"
+        return self.plan_source
 
     @property
     def passed(self) -> bool:
@@ -114,6 +127,7 @@ def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
             row.results[world] = Outcome("fail", math.nan, _one_line(f"{type(exc).__name__}: {exc}"))
             continue
         row.plan_source = report.plan_source
+        row.partial = report.partial or row.partial
         if report.ok:
             row.results[world] = Outcome("pass", report.max_abs_diff, "")
         elif report.plan_source == "none":
@@ -228,11 +242,20 @@ def walk(
 # ------------------------------------------------------------ reporting
 
 
+PLAN_KINDS = ("spec", "auto full", "auto partial", "none")
+
+
 def summary(rows: Sequence[Row]) -> str:
     built = [r for r in rows if r.built]
     passed = [r for r in built if r.passed]
     pct = 100.0 * len(passed) / len(built) if built else 0.0
     return f"{len(built)} built, {len(passed)} pass ({pct:.0f}%)"
+
+
+def by_plan_kind(rows: Sequence[Row]) -> dict[str, tuple[int, int]]:
+    """Built architectures per plan kind: (how many, how many pass)."""
+    built = [r for r in rows if r.built]
+    return {k: (sum(1 for r in built if r.plan_kind == k), sum(1 for r in built if r.plan_kind == k and r.passed)) for k in PLAN_KINDS}
 
 
 def _cell(o: Outcome | None) -> str:
@@ -255,8 +278,7 @@ def to_markdown(rows: Sequence[Row], command: str = "python -m tp_engine.coverag
     import transformers
 
     built = [r for r in rows if r.built]
-    by_source = {s: sum(1 for r in built if r.plan_source == s) for s in ("spec", "auto", "none")}
-    passed_by_source = {s: sum(1 for r in built if r.plan_source == s and r.passed) for s in ("spec", "auto", "none")}
+    kinds = by_plan_kind(rows)
     lines = [
         "# Architecture coverage",
         "",
@@ -264,8 +286,15 @@ def to_markdown(rows: Sequence[Row], command: str = "python -m tp_engine.coverag
         f"(torch {torch.__version__}); pass = logits within 1e-4 of unsharded transformers and identical "
         f"greedy tokens at both TP=2 and TP=3 (thread ranks, tiny random float32 copies).",
         "",
-        f"Plan source among the built: declared spec {by_source['spec']} ({passed_by_source['spec']} pass), "
-        f"auto-planner {by_source['auto']} ({passed_by_source['auto']} pass), none (auto-planner refused) {by_source['none']}.",
+        f"Plans among the built: declared spec {kinds['spec'][0]} ({kinds['spec'][1]} pass), "
+        f"auto-planner full {kinds['auto full'][0]} ({kinds['auto full'][1]} pass), "
+        f"auto-planner partial {kinds['auto partial'][0]} ({kinds['auto partial'][1]} pass), "
+        f"none (refused) {kinds['none'][0]}.",
+        "",
+        "A *full* plan shards attention and MLP in every layer and the vocabulary. A *partial* plan "
+        "shards what the planner recognises and keeps the rest whole on every rank (correct by "
+        "construction, less speed-up); the plan column says what it keeps whole, counted on the tiny "
+        "copy's layers. A plan that would shard nothing in any layer is refused.",
         "",
         f"Regenerate: `{command}`",
         "",
@@ -276,7 +305,7 @@ def to_markdown(rows: Sequence[Row], command: str = "python -m tp_engine.coverag
         if not r.built:
             continue
         lines.append(
-            f"| {r.model_type} | {r.model_class} | {r.plan_source} | "
+            f"| {r.model_type} | {r.model_class} | {_md(r.plan)} | "
             f"{_md(_cell(r.results.get(2)))} | {_md(_cell(r.results.get(3)))} |"
         )
     not_built = [r for r in rows if not r.built]
@@ -310,12 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             state = "pass" if row.passed else ("not built" if not row.built else "no")
             why = "" if row.passed else f"  {row.reasons()[0][:160]}"
-            print(f"{row.model_type:28s} {row.plan_source:5s} {state:9s} {row.seconds:5.1f}s{why}", file=sys.stderr, flush=True)
+            print(f"{row.model_type:28s} {row.plan_kind:12s} {state:9s} {row.seconds:5.1f}s{why}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     rows = walk(names, jobs=args.jobs, timeout=args.timeout, progress=progress)
     elapsed = time.perf_counter() - t0
-    print(f"{summary(rows)}; {len(rows)} architectures in {elapsed:.0f} s")
+    kinds = by_plan_kind(rows)
+    split = ", ".join(f"{k} {n} ({p} pass)" for k, (n, p) in kinds.items())
+    print(f"{summary(rows)}; {len(rows)} architectures in {elapsed:.0f} s; plans: {split}")
     if args.markdown:
         command = "python -m tp_engine.coverage --markdown " + args.markdown
         if args.sample is not None:

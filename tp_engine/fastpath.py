@@ -233,6 +233,7 @@ class FastDecoder:
     decoding. The model itself is left untouched. int4 uses groups of
     ``group_size`` inputs, smaller where a shard's width demands it, and int8
     for a matrix whose width has no even divisor (an uneven split's odd shard).
+    ``weight_backend``: :func:`tp_engine.quantize.quantize_weight`'s backend.
     """
 
     def __init__(
@@ -243,6 +244,7 @@ class FastDecoder:
         int8_argmax: bool | None = None,
         weight_bits: int | None = None,
         group_size: int | None = None,
+        weight_backend: str = "auto",
     ):
         reason = unsupported_reason(model)
         if reason is not None:
@@ -269,7 +271,7 @@ class FastDecoder:
         self.group = self.n_q // self.n_kv
         self.hidden = int(config.hidden_size)
         self._norm_shape = (self.hidden,)
-        self.weight_bits, self.group_size = weight_bits, group_size
+        self.weight_bits, self.group_size, self.weight_backend = weight_bits, group_size, weight_backend
         if weight_bits is not None:
             fuse_in_place = False  # a quantized copy must not re-point the float model's parameters
             int8_argmax = False  # the head itself is quantized
@@ -350,7 +352,8 @@ class FastDecoder:
             group = _int4_group(w.shape[1], self.group_size)
             if group is None:  # no even group fits this shard's width (e.g. 67 columns): int8 for this matrix
                 bits = 8
-        return _quantized_matmul(quantize_weight(w, bits, group), b)
+        backend = self.weight_backend if bits == self.weight_bits else "auto"
+        return _quantized_matmul(quantize_weight(w, bits, group, backend=backend), b)
 
     def _vocab(self, model: nn.Module) -> None:
         emb = model.get_input_embeddings()

@@ -446,7 +446,7 @@ def _shard_moe(block: nn.Module, spec: ArchSpec, ctx: _Context, path: str) -> No
     experts = _get(block, spec.moe_experts, path)
     if getattr(experts, "has_bias", False) or getattr(experts, "has_post_expert_norm", False):
         raise ValueError(f"{where}: experts with biases or a post-expert norm are not supported")
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed = spec.moe_transposed if spec.moe_transposed is not None else bool(getattr(experts, "is_transposed", False))
     gated = bool(getattr(experts, "has_gate", True))
     concatenated = bool(getattr(experts, "is_concatenated", True))
     gate_up = _expert_param(experts, spec.moe_gate_up, where)
@@ -664,10 +664,17 @@ def describe_spec(model: nn.Module, spec: ArchSpec) -> str:
     except (ValueError, TypeError):
         return ""
     parts = []
+    total = len(per_layer)
     for role, word in (("attention", "attention"), ("mlp", "MLP")):
         n = sum(1 for s in per_layer if role in s.replicate)
         if n:
-            parts.append(f"{word} replicated in {n}/{len(per_layer)} layers")
+            parts.append(f"{word} replicated in {n}/{total} layers")
+    whole: dict[str, int] = {}
+    for s in per_layer:
+        for name in s.kept_whole:
+            whole[name] = whole.get(name, 0) + 1
+    if whole:
+        parts.append("kept whole: " + ", ".join(f"{name} ({n}/{total} layers)" for name, n in whole.items()))
     parts += [f"{role.replace('_', ' ')} replicated" for role in ("embedding", "lm_head") if role in spec.replicate]
     return "partial: " + "; ".join(parts) if parts else ""
 

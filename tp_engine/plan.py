@@ -56,25 +56,32 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelDims":
-        """Read the dimensions from a Hugging Face ``PretrainedConfig``."""
+        """Read the dimensions from a Hugging Face ``PretrainedConfig``.
+
+        Per-layer configs (Gemma 4's ``per_layer_config``, Gemma 3n's list of
+        intermediate sizes) give layer 0's values: the auto-planner checks
+        each layer against them and replicates what does not match.
+        """
         config = getattr(config, "text_config", None) or config
         heads = _first_attr(config, "num_attention_heads", "n_head", "num_heads")
-        kv_heads = getattr(config, "num_key_value_heads", None)
-        if kv_heads is None and getattr(config, "new_decoder_architecture", False):
-            kv_heads = getattr(config, "num_kv_heads", None)  # Falcon-40B/180B grouped layout
-        if kv_heads is None and getattr(config, "multi_query", False):
+        kv_heads = _get(config, "num_key_value_heads")
+        if kv_heads is None and _get(config, "new_decoder_architecture"):
+            kv_heads = _get(config, "num_kv_heads")  # Falcon-40B/180B grouped layout
+        if kv_heads is None and _get(config, "multi_query"):
             kv_heads = 1  # Falcon-7B style multi-query attention: one shared KV head
         kv_heads = kv_heads or heads
         hidden = _first_attr(config, "hidden_size", "n_embd", "d_model")
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        head_dim = _get(config, "head_dim") or hidden // heads
         # GPT-2/GPT-J: n_inner (None means 4 x hidden); OPT: ffn_dim; Falcon: ffn_hidden_size.
         intermediate = (
-            getattr(config, "intermediate_size", None)
-            or getattr(config, "n_inner", None)
-            or getattr(config, "ffn_dim", None)
-            or getattr(config, "ffn_hidden_size", None)
+            _get(config, "intermediate_size")
+            or _get(config, "n_inner")
+            or _get(config, "ffn_dim")
+            or _get(config, "ffn_hidden_size")
             or 4 * hidden
         )
+        if isinstance(intermediate, (list, tuple)) and intermediate and all(isinstance(x, int) for x in intermediate):
+            intermediate = intermediate[0]  # one width per layer (Gemma 3n): layer 0's
         return cls(
             num_q_heads=int(heads),
             num_kv_heads=int(kv_heads),
@@ -85,9 +92,22 @@ class ModelDims:
         )
 
 
+def _get(config: Any, name: str) -> Any:
+    """``getattr(config, name, None)``; for per-layer attributes of heterogeneous
+    configs (which raise on a global read), layer 0's value."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError and kin
+        per_layer = getattr(config, "per_layer_config", None)
+        try:
+            return getattr(per_layer[0], name, None)
+        except Exception:  # noqa: BLE001
+            raise ValueError(f"config.{name} varies per layer and layer 0's value cannot be read") from None
+
+
 def _first_attr(obj: Any, *names: str) -> Any:
     for name in names:
-        value = getattr(obj, name, None)
+        value = _get(obj, name)
         if value is not None:
             return value
     raise ValueError(f"config has none of {names}")

@@ -1,35 +1,58 @@
 """Infer an architecture spec from a model's module structure.
 
 For a causal LM without a declared spec, ``infer_spec`` reads the model the
-way a person would: the decoder layer list (a ModuleList as long as
-``num_hidden_layers``), in each layer the attention module with separate
-q/k/v/o projections (found by role names, checked against the head counts),
-the MLP's column (hidden -> intermediate) and row (intermediate -> hidden)
-projections (found by shape and role names), the input embedding and the LM
-head. ``config.base_model_tp_plan`` (transformers' own glob -> style table),
-where the config has one, must agree with every role.
+way a person would: the decoder layer list (a ModuleList as long as the
+config's layer count), and in each *kind* of layer (layers are grouped by
+their parameter names and ``layer_types`` entry, so hybrids, dense + MoE
+stacks and decoders with cross-attention are planned kind by kind):
 
-It refuses (ValueError, saying why) whatever it cannot shard with certainty:
-fused q/k/v, latent (low-rank) attention, mixture-of-experts or unrecognised
-MLPs, cross-attention, layers that differ (hybrids), norms or per-head
-parameters that span heads, extra projections inside attention, embeddings
-or heads with their own forward. What it returns is still a guess about the
-forward code, which is why ``models.resolve_spec`` uses it only after it
-passes the parity check on a tiny copy (``tp_engine/check.py``).
+* the self-attention: separate q/k/v/o projections (found by role names,
+  checked against the head counts), or a fused q/k/v projection;
+* the MLP: column (hidden -> width) and row (width -> hidden) projections
+  found by shape, a fused [gate | up] projection, or fused 3-D MoE experts
+  (plus a shared expert);
+* the input embedding and the LM head.
+
+What it cannot shard with certainty it *replicates*: every rank keeps that
+module whole and computes it fully, which is correct by construction
+(cross-attention, latent attention, state-space and other token mixers,
+norms spanning heads, attention with parameters of unknown role, experts
+of an unknown layout, embeddings with their own forward). A partial plan
+is still tensor parallel where it shards, and says what it replicates.
+
+Where the structure admits several readings, they are *hypotheses*, proven
+on a tiny random copy of the same architecture against transformers' own
+unsharded forward (``tp_engine/check.py``; random weights make a wrong
+reading fail by orders of magnitude):
+
+* a fused q/k/v or [gate | up] projection: every plausible row layout is
+  tried alone, and the unique one that passes is kept (none, or more than
+  one: that module is replicated);
+* anything unusual (extra parameters or projections inside attention,
+  experts, unfamiliar names, scaled embeddings, partial plans): the whole
+  plan is checked once at TP=2; if it fails, each part is tried alone and
+  a part that fails alone is replicated.
+
+A plan that shards nothing in any layer is refused: it would give no tensor
+parallelism. What ``infer_spec`` returns is still only used after the guard
+(``check.guard_auto_spec``) passes it at the requested split on a tiny copy
+that infers the very same spec.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
-from typing import Any
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
+import torch
 from torch import nn
 
 from ..plan import ModelDims
 from .spec import ArchSpec
 
-__all__ = ["infer_spec"]
+__all__ = ["infer_spec", "HYPOTHESIS_WORLD"]
 
 # Role names (last path component of a projection).
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "query_proj", "project_q", "q_lin")
@@ -40,25 +63,31 @@ FUSED_QKV_HINTS = ("qkv", "query_key_value", "c_attn", "w_pack", "kv_proj", "in_
 LATENT_HINTS = ("q_a_proj", "kv_a_proj", "kv_b_proj", "q_b_proj", "kv_a_proj_with_mqa")
 COLUMN_NAMES = (
     "gate_proj", "up_proj", "w1", "w3", "fc1", "c_fc", "fc_in", "dense_h_to_4h", "wi", "wi_0", "wi_1", "Wi",
-    "linear_1", "layer_1", "lin1", "input_linear", "proj_up", "intermediate", "dense",
+    "linear_1", "layer_1", "lin1", "input_linear", "proj_up", "intermediate", "dense", "gate_up_proj",
 )
 ROW_NAMES = (
     "down_proj", "w2", "fc2", "c_proj", "fc_out", "dense_4h_to_h", "wo", "Wo", "linear_2", "layer_2", "lin2",
     "output_linear", "proj_down", "out", "dense",
 )
-EXPERT_HINTS = ("expert", "router", "moe")
+MLP_MODULE_NAMES = ("mlp", "feed_forward", "ffn", "ff", "mlp_block", "shared_mlp", "shared_expert", "shared_experts")
+CROSS_HINTS = ("cross", "encoder_attn", "enc_attn")
 MIXER_HINTS = ("mamba", "mixer", "ssm", "conv", "linear_attn", "recurrent", "temporal", "mlstm", "rwkv")
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
+TOWER_HINTS = ("vision", "image", "visual", "audio", "speech", "video", "img_")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers")
 COLWISE = ("colwise", "colwise_rep", "local_colwise", "colwise_gather_output")
 ROWWISE = ("rowwise", "rowwise_rep", "local_rowwise", "rowwise_split_input")
-
-
-def _spec_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(ArchSpec)}
+# Hypotheses are tested at this world size (the guard then checks the
+# requested one): a function of the model's structure only, so every rank
+# and every run infers the same spec.
+HYPOTHESIS_WORLD = 2
 
 
 def _last(path: str) -> str:
     return path.rpartition(".")[2]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 def _rel(path: str, root: str) -> str:
@@ -67,6 +96,41 @@ def _rel(path: str, root: str) -> str:
         return path
     assert path == root or path.startswith(root + "."), (path, root)
     return path[len(root) + 1:]
+
+
+def _under(path: str, root: str) -> bool:
+    return root == "" or path == root or path.startswith(root + ".")
+
+
+def _common(paths: Iterable[str]) -> str:
+    """The deepest module containing every projection at ``paths``."""
+    parts = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        common.append(segs[0])
+    return ".".join(common)
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return None
+    return Conv1D
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _io(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or transformers' Conv1D (weight stored (in, out))."""
+    if _is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return module.in_features, module.out_features
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -79,28 +143,15 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def _is_plain_proj(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return _is_plain_linear(module) or (conv1d is not None and type(module) is conv1d)
+
+
 def _text_config(config: Any) -> Any:
     get = getattr(config, "get_text_config", None)
     text = get() if callable(get) else None
     return text if text is not None else (getattr(config, "text_config", None) or config)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """What one decoder layer looks like, relative to the layer."""
-
-    attention: str
-    q: str
-    k: str
-    v: str
-    o: str
-    core: str  # under ``attention``: the module holding q/k/v ("" = attention itself)
-    q_attrs: tuple[str, ...]
-    kv_attrs: tuple[str, ...]
-    width_attrs: tuple[str, ...]
-    mlp: str
-    columns: tuple[str, ...]
-    row: str
 
 
 def _linears(module: nn.Module) -> dict[str, nn.Module]:
@@ -109,31 +160,112 @@ def _linears(module: nn.Module) -> dict[str, nn.Module]:
 
 def _projection_like(module: nn.Module) -> dict[str, nn.Module]:
     """Linear layers and transformers' Conv1D (GPT-2 style, weight stored transposed)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it
-        Conv1D = ()  # type: ignore[assignment]
-    return {n: m for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))}
+    conv1d = _conv1d_type() or ()
+    return {n: m for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, conv1d))}
 
 
-def _find_layer_list(model: nn.Module, n_layers: int) -> str:
+def _expert_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding fused 3-D expert weights (two or more 3-D parameters of their own)."""
+    out = {}
+    for n, m in module.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        if sum(1 for p in m.parameters(recurse=False) if p.dim() == 3) >= 2:
+            out[n] = m
+    return out
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a submodule of the model")
+
+
+# ------------------------------------------------------------ hypotheses and parts
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One way to shard a part: the ArchSpec fields it sets, and a label for people."""
+
+    fields: tuple[tuple[str, Any], ...]
+    label: str
+
+
+@dataclass
+class _Part:
+    """A shardable role in one layer kind (or the model's vocabulary).
+
+    ``options``: ways to shard it, in order of preference (none: replicated).
+    ``certain``: the single option is today's well-understood layout (only
+    the guard checks it). ``unique``: the options are alternative layouts
+    of the same weights; exactly one may pass, else the part is replicated.
+    """
+
+    kind: str  # layer kind key; "" for the embedding / LM head
+    role: str  # "attention", "experts", "mlp" (dense or shared expert), "embedding", "lm_head"
+    options: list[_Option]
+    certain: bool = False
+    unique: bool = False
+    notes: list[str] = field(default_factory=list)
+    top: str | None = None  # attention: the layer child holding it (its token mixer when replicated)
+    several_kinds: bool = False  # name the kind in messages
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} of layer kind {self.kind}" if self.kind and self.several_kinds else self.role
+
+
+# ------------------------------------------------------------ the layer list
+
+
+def _layer_counts(config: Any) -> set[int]:
+    counts = set()
+    for cfg in (_text_config(config), config):
+        for k in _LAYER_KEYS:
+            try:
+                v = getattr(cfg, k, None)
+            except Exception:  # noqa: BLE001 - heterogeneous configs raise on some global reads
+                v = None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                counts.add(v)
+    return counts
+
+
+def _has_qkv_somewhere(layer: nn.Module) -> bool:
+    return any(_qkv_children(m) is not None for m in layer.modules()) or any(
+        any(h in _last(n).lower() for h in FUSED_QKV_HINTS + LATENT_HINTS) for n in _projection_like(layer)
+    )
+
+
+def _find_layer_list(model: nn.Module, counts: set[int]) -> str:
+    def is_layers(m: nn.Module) -> bool:
+        return all(
+            isinstance(x, nn.Module) and (_projection_like(x) or _expert_modules(x)) for x in m
+        )
+
     candidates = [
         name for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) == n_layers and name
-        and all(isinstance(x, nn.Module) and any(True for _ in x.parameters()) for x in m)
+        if isinstance(m, nn.ModuleList) and len(m) in counts and name and is_layers(m)
     ]
+    # A list inside another candidate's layers (several attentions per layer) is not the layer list.
+    candidates = [c for c in candidates if not any(c != o and c.startswith(o + ".") for o in candidates)]
+    if not candidates:
+        raise ValueError(f"no ModuleList of {' or '.join(map(str, sorted(counts)))} layers (the config's layer count) in {type(model).__name__}")
+    # Multimodal models: vision/audio towers have layer lists too.
+    text = [c for c in candidates if not any(h in c.lower() for h in TOWER_HINTS)]
+    candidates = text or candidates
     # Per-layer lists of small pieces (XLM keeps attentions, norms and FFNs in
     # separate lists) are not decoder layers: a decoder layer holds attention.
     with_attention = [c for c in candidates if _has_qkv_somewhere(model.get_submodule(c)[0])]
-    if len(with_attention) > 1:
-        # Multimodal models: vision/audio towers have layer lists too. The
-        # decoder's list is the one inside get_decoder(), or else the one
-        # sharing the deepest ancestor with the input embedding.
+    pool = with_attention or candidates
+    if len(pool) > 1:
         inside = _decoder_prefix(model)
         if inside is not None:
-            narrowed = [c for c in with_attention if inside == "" or c.startswith(inside + ".")]
-            with_attention = narrowed or with_attention
-    if len(with_attention) > 1:
+            narrowed = [c for c in pool if inside == "" or c.startswith(inside + ".")]
+            pool = narrowed or pool
+    if len(pool) > 1:
         try:
             emb_path = _path_of(model, model.get_input_embeddings()).split(".")
         except (ValueError, NotImplementedError, AttributeError):
@@ -147,18 +279,11 @@ def _find_layer_list(model: nn.Module, n_layers: int) -> str:
                 n += 1
             return n
 
-        best = max(shared(c) for c in with_attention)
-        with_attention = [c for c in with_attention if shared(c) == best]
-    if len(with_attention) == 1:
-        return with_attention[0]
-    if not candidates:
-        raise ValueError(f"no ModuleList of {n_layers} layers (config.num_hidden_layers) in {type(model).__name__}")
-    if not with_attention:
-        raise ValueError(
-            f"the layer list {candidates[0]} has no attention module with separate q/k/v projections"
-            + _mixer_hint(model.get_submodule(candidates[0])[0])
-        )
-    raise ValueError(f"several {n_layers}-long layer lists with attention ({', '.join(with_attention)}): cannot tell which is the decoder")
+        best = max(shared(c) for c in pool)
+        pool = [c for c in pool if shared(c) == best]
+    if len(pool) == 1:
+        return pool[0]
+    raise ValueError(f"several layer lists ({', '.join(pool)}): cannot tell which is the decoder")
 
 
 def _decoder_prefix(model: nn.Module) -> str | None:
@@ -175,10 +300,7 @@ def _decoder_prefix(model: nn.Module) -> str | None:
         return None
 
 
-def _has_qkv_somewhere(layer: nn.Module) -> bool:
-    return any(_qkv_children(m) is not None for m in layer.modules()) or any(
-        any(h in _last(n).lower() for h in FUSED_QKV_HINTS + LATENT_HINTS) for n in _projection_like(layer)
-    )
+# ------------------------------------------------------------ attention
 
 
 def _qkv_children(module: nn.Module) -> tuple[str, str, str] | None:
@@ -197,30 +319,85 @@ def _mixer_hint(layer: nn.Module) -> str:
     return f" (its token mixer is {', '.join(kinds)}: a state-space/recurrent/convolution block, not attention)" if kinds else ""
 
 
-def _find_attention(layer: nn.Module, dims: ModelDims, where: str) -> tuple[str, str, str, str, str, str]:
-    """(attention path, q, k, v, o, core) relative to the layer."""
-    holders = [(n, _qkv_children(m)) for n, m in layer.named_modules()]
-    holders = [(n, qkv) for n, qkv in holders if qkv is not None]
-    linears = _projection_like(layer)
-    if not holders:
-        fused = [n for n in linears if any(h in _last(n).lower() for h in FUSED_QKV_HINTS)]
-        latent = [n for n in linears if _last(n) in LATENT_HINTS]
-        if latent:
-            raise ValueError(f"{where}: latent (low-rank) attention ({', '.join(latent)}): heads are not separate q/k/v rows")
-        if fused:
-            raise ValueError(f"{where}: fused q/k/v projection {fused[0]}: its row layout cannot be inferred (needs a declared spec)")
-        raise ValueError(f"{where}: no attention module with separate q/k/v projections" + _mixer_hint(layer))
-    if len(holders) > 1:
-        names = [n or "<layer>" for n, _ in holders]
-        cross = [n for n in names if "cross" in n or "encoder" in n]
-        what = f"cross-attention ({', '.join(cross)})" if cross else "several attention modules"
-        raise ValueError(f"{where}: {what} besides {names[0]}: the auto-planner shards exactly one self-attention per layer")
-    holder, (q, k, v) = holders[0]
+def _is_cross(path: str) -> bool:
+    return any(h in path.lower() for h in CROSS_HINTS)
+
+
+def _attention_holders(layer: nn.Module, dims: ModelDims) -> tuple[list[tuple[str, tuple[str, str, str] | None, str | None]], list[str]]:
+    """Modules that hold an attention's input projections: (path, (q, k, v) or None, fused name or None),
+    and the paths of latent (low-rank) attention modules."""
+    holders: list[tuple[str, tuple[str, str, str] | None, str | None]] = []
+    latent: list[str] = []
+    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
+    for n, m in layer.named_modules():
+        qkv = _qkv_children(m)
+        if qkv is not None:
+            holders.append((n, qkv, None))
+            continue
+        children = {c: x for c, x in m.named_children() if isinstance(x, nn.Linear) or _is_conv1d(x)}
+        if any(c in LATENT_HINTS for c in children):
+            latent.append(n)
+            continue
+        fused = [
+            c for c, x in children.items()
+            if any(h in c.lower() for h in FUSED_QKV_HINTS) and _io(x)[1] == (nq + 2 * nkv) * hd
+        ]
+        outs = [c for c in children if c in O_NAMES]
+        if len(fused) == 1 and len(outs) == 1:
+            holders.append((n, None, fused[0]))
+    return holders, latent
+
+
+def _attention_part(layer: nn.Module, dims: ModelDims, kind: str, where: str) -> tuple[_Part, str | None, list[str]]:
+    """The self-attention part of a layer kind, its attention path (None: none found),
+    and the paths of every attention-like module (kept out of the MLP search)."""
+    holders, latent = _attention_holders(layer, dims)
+    cross = [h for h in holders if _is_cross(h[0])]
+    own = [h for h in holders if not _is_cross(h[0])]
+    notes = [f"cross-attention {h[0]} replicated" for h in cross]
+    attention_like = [h[0] for h in holders] + latent
+    part = _Part(kind, "attention", [], notes=notes)
+    if latent and not own:
+        part.notes.append(f"latent (low-rank) attention {', '.join(latent)} replicated: its heads are not separate q/k/v rows")
+        part.top = latent[0].split(".")[0] if len(latent) == 1 and latent[0] else None
+        return part, None, attention_like
+    if not own:
+        fused = [n for n in _projection_like(layer) if any(h in _last(n).lower() for h in FUSED_QKV_HINTS)]
+        why = (
+            f"fused projection {fused[0]} does not have the (Q + 2 KV heads) x head_dim outputs of a q/k/v projection"
+            if fused else "no attention module with q/k/v projections" + _mixer_hint(layer)
+        )
+        part.notes.append(f"token mixer replicated: {why}")
+        return part, None, attention_like
+    if len(own) > 1:
+        part.notes.append(f"several attention modules ({', '.join(h[0] or '<layer>' for h in own)}) replicated")
+        return part, None, attention_like
+    holder, qkv, fused = own[0]
+    part.top = holder.split(".")[0] if holder else None
+    try:
+        if fused is not None:
+            options, certain, unique, path, extra = _fused_attention(layer, holder, fused, dims, where)
+        else:
+            options, certain, unique, path, extra = _separate_attention(layer, holder, qkv, dims, where)
+    except _Replicate as exc:
+        part.notes.append(f"attention replicated: {exc}")
+        return part, None, attention_like
+    part.options, part.certain, part.unique = options, certain, unique
+    part.notes += extra
+    return part, path, attention_like
+
+
+class _Replicate(Exception):
+    """This part cannot be sharded (the message says why); it stays whole on every rank."""
+
+
+def _locate_output(layer: nn.Module, holder: str, where: str) -> tuple[str, str, str]:
+    """(attention path, core path under it, output projection path under attention)."""
     holder_mod = layer.get_submodule(holder)
-    o_here = [n for n, m in holder_mod.named_children() if isinstance(m, nn.Linear) and n in O_NAMES]
+    o_here = [n for n, m in holder_mod.named_children() if (isinstance(m, nn.Linear) or _is_conv1d(m)) and n in O_NAMES]
     if len(o_here) == 1:
-        attention, core, o = holder, "", o_here[0]
-    elif not o_here and holder:
+        return holder, "", o_here[0]
+    if not o_here and holder:
         # BERT-style: the q/k/v module sits next to an output module in a parent.
         parent = holder.rpartition(".")[0]
         parent_mod = layer.get_submodule(parent)
@@ -229,67 +406,19 @@ def _find_attention(layer: nn.Module, dims: ModelDims, where: str) -> tuple[str,
             if isinstance(m, nn.Linear) and _last(n) in O_NAMES and not (n + ".").startswith(_rel(holder, parent) + ".")
         ]
         if len(outs) != 1:
-            raise ValueError(f"{where}.{holder}: found q/k/v but {'no' if not outs else 'several'} output projection ({', '.join(outs)})")
-        attention, core, o = parent, _rel(holder, parent), outs[0]
-    else:
-        raise ValueError(f"{where}.{holder}: found q/k/v but {'no' if not o_here else 'several'} output projection ({', '.join(o_here)})")
-    prefix = f"{core}." if core else ""
-    return attention, prefix + q, prefix + k, prefix + v, o, core
+            raise _Replicate(f"{where}.{holder}: found q/k/v but {'no' if not outs else 'several'} output projection ({', '.join(outs)})")
+        return parent, _rel(holder, parent), outs[0]
+    raise _Replicate(f"{where}.{holder}: found q/k/v but {'no' if not o_here else 'several'} output projection ({', '.join(o_here)})")
 
 
-def _check_attention(layer: nn.Module, att: tuple[str, str, str, str, str, str], dims: ModelDims, where: str) -> None:
-    attention, q, k, v, o, core = att
-    attn = layer.get_submodule(attention)
-    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
-    mods = {name: attn.get_submodule(name) for name in (q, k, v, o)}
-    for name, m in mods.items():
-        if not _is_plain_linear(m):
-            raise ValueError(f"{where}.{attention}.{name} is a {type(m).__name__} with its own forward, not a plain nn.Linear")
-    shapes = {name: _in_out(m) for name, m in mods.items()}
-    expected = {q: (None, nq * hd), k: (None, nkv * hd), v: (None, nkv * hd), o: (nq * hd, None)}
-    for name, (want_in, want_out) in expected.items():
-        got_in, got_out = shapes[name]
-        if (want_in is not None and got_in != want_in) or (want_out is not None and got_out != want_out):
-            raise ValueError(
-                f"{where}.{attention}: projection shapes (in, out) {shapes} disagree with {nq} Q / {nkv} KV heads "
-                f"of dim {hd} from the config"
-            )
-    if not shapes[q][0] == shapes[k][0] == shapes[v][0]:
-        raise ValueError(f"{where}.{attention}: q/k/v read different widths {shapes[q][0]}/{shapes[k][0]}/{shapes[v][0]}")
-    if shapes[o][1] != shapes[q][0]:
-        raise ValueError(f"{where}.{attention}: {o} writes {shapes[o][1]} features but {q} reads {shapes[q][0]}")
-    # Anything else with weights inside the attention's q/k/v module works on
-    # sharded activations: only per-head norms (width head_dim) are safe.
-    core_mod = attn.get_submodule(core) if core else attn
-    core_prefix = f"{core}." if core else ""
-    used = {name for name in (q, k, v, o)}
-    for name, m in core_mod.named_modules():
-        full = core_prefix + name
-        if not name or full in used or any(full.startswith(u + ".") for u in used):
-            continue
-        if isinstance(m, nn.Linear):
-            raise ValueError(
-                f"{where}.{attention}.{full}: an extra projection {_in_out(m)} inside attention; "
-                f"only separate q/k/v/o can be sharded by the auto-planner"
-            )
-        if isinstance(m, nn.Embedding):
-            raise ValueError(f"{where}.{attention}.{full}: an embedding inside attention (relative positions?) is not supported")
-        for pname, p in m.named_parameters(recurse=False):
-            if p.dim() == 1 and p.shape[0] == hd:
-                continue  # a per-head norm (q_norm/k_norm over head_dim): replicated, unaffected
-            raise ValueError(
-                f"{where}.{attention}.{full}.{pname} (shape {tuple(p.shape)}) acts on the attention's "
-                f"sharded activations; only head_dim-wide norms are safe to replicate"
-            )
-    for pname, p in core_mod.named_parameters(recurse=False):
-        raise ValueError(
-            f"{where}.{attention}.{core_prefix}{pname} (shape {tuple(p.shape)}): a parameter of the attention module "
-            f"itself (per-head sinks or scales?) would need sharding"
-        )
+def _head_attrs(module: nn.Module, dims: ModelDims, wide: bool = False) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Integer attributes holding the Q / KV head counts or the Q width (made rank-local).
 
-
-def _head_attrs(module: nn.Module, dims: ModelDims) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Integer attributes holding the Q / KV head counts or the Q width (made rank-local)."""
+    ``wide`` also takes attributes that split or reshape by the Q width under
+    other names (GPT-BigCode's ``embed_dim``, GPT-1's ``split_size``,
+    Persimmon's ``hidden_size``): only for hypotheses, which are tested.
+    """
+    width_names = ("all_head_size", "inner_dim") + (("embed_dim", "split_size", "hidden_size") if wide else ())
     q_attrs, kv_attrs, width = [], [], []
     for name, value in vars(module).items():
         if not isinstance(value, int) or isinstance(value, bool) or name.startswith("_"):
@@ -300,218 +429,710 @@ def _head_attrs(module: nn.Module, dims: ModelDims) -> tuple[tuple[str, ...], tu
                 q_attrs.append(name)
             elif value == dims.num_kv_heads:
                 kv_attrs.append(name)
-        elif lname in ("all_head_size", "inner_dim") and value == dims.num_q_heads * dims.head_dim:
+        elif lname in width_names and value == dims.num_q_heads * dims.head_dim:
             width.append(name)
+    if dims.num_q_heads == dims.num_kv_heads:
+        q_attrs, kv_attrs = q_attrs + kv_attrs, []
     return tuple(q_attrs), tuple(kv_attrs), tuple(width)
 
 
-def _find_mlp(layer: nn.Module, attention: str, dims: ModelDims, where: str) -> tuple[str, tuple[str, ...], str]:
-    hidden, inter = dims.hidden_size, dims.intermediate_size
-    outside = {
-        n: m for n, m in _linears(layer).items()
-        if not (attention and (n == attention or n.startswith(attention + ".")))
-    }
-    columns = [n for n, m in outside.items() if _in_out(m) == (hidden, inter)]
-    rows = [n for n, m in outside.items() if _in_out(m) == (inter, hidden)]
-    experts = sorted({n.split(".")[0] for n, _ in layer.named_modules() if any(h in n.lower() for h in EXPERT_HINTS)})
-    three_d = [n for n, p in layer.named_parameters() if p.dim() == 3 and not (attention and n.startswith(attention + "."))]
-    if experts or three_d:
-        raise ValueError(
-            f"{where}: mixture-of-experts MLP ({', '.join(experts or three_d[:2])}): the auto-planner does not shard experts"
-        )
-    if len(rows) != 1 or not 1 <= len(columns) <= 2:
-        fused = [n for n, m in outside.items() if _in_out(m) in ((hidden, 2 * inter),)]
-        if fused and len(rows) == 1:
-            raise ValueError(f"{where}: fused gate/up projection {fused[0]} ({hidden} -> 2 x {inter}): its layout cannot be inferred")
-        # An MLP of another width than the config's is a plan the planner would get wrong.
-        for n, m in outside.items():
-            i, o = _in_out(m)
-            if i == hidden and o != inter and _last(n) in COLUMN_NAMES and any(
-                _in_out(r) == (o, hidden) and _last(rn) in ROW_NAMES for rn, r in outside.items()
-            ):
-                raise ValueError(
-                    f"{where}: the MLP is {hidden} -> {o} -> {hidden} ({n}), but the planner reads intermediate "
-                    f"size {inter} from the config"
-                )
-        raise ValueError(
-            f"{where}: no recognisable MLP: expected one or two {hidden} -> {inter} projections and one "
-            f"{inter} -> {hidden}, found {len(columns)} and {len(rows)} (intermediate size from the config: {inter})"
-            + _mixer_hint(layer)
-        )
-    for n in columns + rows:
-        if not _is_plain_linear(outside[n]):
-            raise ValueError(f"{where}.{n} is a {type(outside[n]).__name__} with its own forward, not a plain nn.Linear")
-    unknown = [n for n in columns if _last(n) not in COLUMN_NAMES] + [n for n in rows if _last(n) not in ROW_NAMES]
-    if unknown:
-        raise ValueError(f"{where}: MLP projections with unfamiliar names ({', '.join(unknown)}): roles not certain")
-    paths = columns + rows
-    parts = [p.split(".")[:-1] for p in paths]
-    common: list[str] = []
-    for segs in zip(*parts):
-        if len(set(segs)) != 1:
-            break
-        common.append(segs[0])
-    mlp = ".".join(common)
-    # Everything with weights inside the MLP module besides the projections
-    # sees sharded activations (BitNet's ffn_sub_norm normalizes all columns).
-    if mlp:
-        mlp_mod = layer.get_submodule(mlp)
-        for n, m in mlp_mod.named_modules():
-            full = f"{mlp}.{n}" if n else mlp
-            if full in paths or not n:
-                continue
-            for pname, p in m.named_parameters(recurse=False):
-                if inter in p.shape:
-                    raise ValueError(f"{where}.{full}.{pname} (shape {tuple(p.shape)}) spans the MLP's sharded columns")
-    return mlp, tuple(_rel(c, mlp) for c in columns), _rel(rows[0], mlp)
+def _attention_extras(
+    layer: nn.Module, attention: str, core: str, used: set[str], dims: ModelDims, hidden_in: int, where: str
+) -> tuple[tuple[str, ...], tuple[str, ...], list[str]]:
+    """Everything with weights inside the attention core besides q/k/v/o.
 
-
-def _infer_layer(layer: nn.Module, dims: ModelDims, where: str) -> _Layer:
-    att = _find_attention(layer, dims, where)
-    _check_attention(layer, att, dims, where)
-    attention, q, k, v, o, core = att
+    Returns (Q-head projections, Q-head parameters, assumptions); raises
+    _Replicate for what sharded heads cannot reproduce.
+    """
     attn = layer.get_submodule(attention)
-    q_attrs, kv_attrs, width = _head_attrs(attn.get_submodule(core) if core else attn, dims)
-    if dims.num_q_heads == dims.num_kv_heads:
-        q_attrs, kv_attrs = q_attrs + kv_attrs, ()
-    mlp, columns, row = _find_mlp(layer, attention, dims, where)
-    return _Layer(attention, q, k, v, o, core, q_attrs, kv_attrs, width, mlp, columns, row)
-
-
-def _path_of(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise ValueError(f"{type(module).__name__} is not a submodule of the model")
-
-
-def _embedding(model: nn.Module, dims: ModelDims) -> str:
-    emb = model.get_input_embeddings()
-    if not isinstance(emb, nn.Embedding):
-        raise ValueError(f"the input embedding is a {type(emb).__name__}, not an nn.Embedding")
-    if type(emb).forward is not nn.Embedding.forward:
-        # A scaled embedding is fine when the scale is where parallelize reads it.
-        scale = getattr(emb, "embed_scale", None)
-        known = getattr(emb, "scalar_embed_scale", None) is not None or (
-            scale is not None and hasattr(scale, "shape")
-        ) or scale == 1.0
-        if not known:
-            raise ValueError(
-                f"the input embedding {type(emb).__name__} has its own forward (scale {scale!r}) that a "
-                f"vocab-parallel embedding would not reproduce"
+    core_mod = attn.get_submodule(core) if core else attn
+    core_prefix = f"{core}." if core else ""
+    hd, nq = dims.head_dim, dims.num_q_heads
+    q_projs: list[str] = []
+    q_params: list[str] = []
+    assumed: list[str] = []
+    for name, m in core_mod.named_modules():
+        full = core_prefix + name
+        if not name or full in used or any(full.startswith(u + ".") for u in used):
+            continue
+        if isinstance(m, nn.Linear) or _is_conv1d(m):
+            i, o = _io(m)
+            if _is_plain_proj(m) and i == hidden_in and o in (nq * hd, nq) and "." not in name:
+                # An output gate per head (or per head and channel), read from the layer input.
+                q_projs.append(full)
+                assumed.append(f"{full} gates each Q head")
+                continue
+            raise _Replicate(f"{where}.{_join(attention, full)}: an extra projection {_io(m)} inside attention")
+        if isinstance(m, nn.Embedding):
+            raise _Replicate(f"{where}.{_join(attention, full)}: an embedding inside attention (relative positions?)")
+        if any(full.startswith(p + ".") for p in q_projs):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() == 1 and p.shape[0] == hd:
+                continue  # a per-head norm (q_norm/k_norm over head_dim): replicated, unaffected
+            raise _Replicate(
+                f"{where}.{_join(attention, full, pname)} (shape {tuple(p.shape)}) acts on the attention's "
+                f"sharded activations; only head_dim-wide norms are safe to keep whole"
             )
-    if emb.num_embeddings != dims.vocab_size:
-        raise ValueError(f"the input embedding has {emb.num_embeddings} rows, the config says vocab_size {dims.vocab_size}")
-    return _path_of(model, emb)
+    for pname, p in core_mod.named_parameters(recurse=False):
+        if p.dim() >= 1 and p.shape[0] == nq and not (p.dim() == 1 and nq == hd):
+            q_params.append(pname)
+            assumed.append(f"{pname} holds one entry per Q head")
+        elif p.dim() == 1 and p.shape[0] == hd:
+            assumed.append(f"{pname} (head_dim wide) is shared by all heads")
+        else:
+            raise _Replicate(
+                f"{where}.{_join(attention, core, pname)} (shape {tuple(p.shape)}): a parameter of the attention "
+                f"module itself whose role is unknown"
+            )
+    return tuple(q_projs), tuple(q_params), assumed
 
 
-def _lm_head(model: nn.Module, dims: ModelDims) -> str:
+def _separate_attention(
+    layer: nn.Module, holder: str, qkv: tuple[str, str, str], dims: ModelDims, where: str
+) -> tuple[list[_Option], bool, bool, str, list[str]]:
+    attention, core, o = _locate_output(layer, holder, where)
+    prefix = f"{core}." if core else ""
+    q, k, v = (prefix + n for n in qkv)
+    attn = layer.get_submodule(attention)
+    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
+    mods = {name: attn.get_submodule(name) for name in (q, k, v, o)}
+    for name, m in mods.items():
+        if not _is_plain_linear(m):
+            raise _Replicate(f"{where}.{attention}.{name} is a {type(m).__name__} with its own forward, not a plain nn.Linear")
+    shapes = {name: _in_out(m) for name, m in mods.items()}
+    extra_fields: dict[str, Any] = {}
+    notes: list[str] = []
+    expected = {q: (None, nq * hd), k: (None, nkv * hd), v: (None, nkv * hd), o: (nq * hd, None)}
+    if any((wi is not None and shapes[n][0] != wi) or (wo is not None and shapes[n][1] != wo) for n, (wi, wo) in expected.items()):
+        raise _Replicate(
+            f"{where}.{attention}: projection shapes (in, out) {shapes} disagree with {nq} Q / {nkv} KV heads "
+            f"of dim {hd} from the config"
+        )
+    if not shapes[q][0] == shapes[k][0] == shapes[v][0]:
+        raise _Replicate(f"{where}.{attention}: q/k/v read different widths {shapes[q][0]}/{shapes[k][0]}/{shapes[v][0]}")
+    if shapes[o][1] != shapes[q][0]:
+        raise _Replicate(f"{where}.{attention}: {o} writes {shapes[o][1]} features but {q} reads {shapes[q][0]}")
+    core_mod = attn.get_submodule(core) if core else attn
+    q_projs, q_params, assumed = _attention_extras(layer, attention, core, {q, k, v, o}, dims, shapes[q][0], where)
+    q_attrs, kv_attrs, width = _head_attrs(core_mod, dims)
+    fields = dict(
+        attention=attention, q_proj=q, k_proj=k, v_proj=v, o_proj=o,
+        q_head_attrs=q_attrs, kv_head_attrs=kv_attrs, **extra_fields,
+    )
+    if core:
+        fields["attention_core"] = core
+    if width:
+        fields["q_width_attrs"] = width
+    if q_projs:
+        fields["q_head_projs"] = q_projs
+    if q_params:
+        fields["q_head_params"] = q_params
+    certain = not assumed
+    notes += [f"assumed: {a}" for a in assumed]
+    return [_Option(tuple(sorted(fields.items())), "separate q/k/v")], certain, False, attention, notes
+
+
+def _equivalent_layouts(dims: ModelDims, layouts: Sequence[str]) -> list[str]:
+    """Drop layouts that give every rank the same rows as an earlier one (for these head counts)."""
+    from ..parallelize import _fused_qkv_rows
+    from ..plan import plan_model
+
+    from ..parallelize import _merge
+
+    seen: list[tuple] = []
+    kept: list[str] = []
+    for layout in layouts:
+        rows = []
+        for world in (2, 3):
+            try:
+                plan = plan_model(dims, world)
+            except ValueError:
+                continue
+            rows.append(tuple(_merge(_fused_qkv_rows(layout, plan[r], dims)[0]) for r in range(world)))
+        sig = tuple(rows)
+        if sig not in seen:
+            seen.append(sig)
+            kept.append(layout)
+    return kept
+
+
+def _fused_attention(
+    layer: nn.Module, holder: str, fused: str, dims: ModelDims, where: str
+) -> tuple[list[_Option], bool, bool, str, list[str]]:
+    from .spec import QKV_LAYOUTS
+
+    attention, core, o = _locate_output(layer, holder, where)
+    if core:
+        raise _Replicate(f"{where}.{attention}: a fused q/k/v projection in a sub-module")
+    attn = layer.get_submodule(attention)
+    proj, out = attn.get_submodule(fused), attn.get_submodule(o)
+    for name, m in ((fused, proj), (o, out)):
+        if not _is_plain_proj(m):
+            raise _Replicate(f"{where}.{attention}.{name} is a {type(m).__name__} with its own forward")
+    hd, nq = dims.head_dim, dims.num_q_heads
+    if _io(out)[0] != nq * hd:
+        raise _Replicate(f"{where}.{attention}.{o} reads {_io(out)[0]} features, not {nq} heads x {hd}")
+    q_projs, q_params, assumed = _attention_extras(layer, attention, "", {fused, o}, dims, _io(proj)[0], where)
+    q_attrs, kv_attrs, width = _head_attrs(attn, dims, wide=True)
+    base: dict[str, Any] = dict(attention=attention, qkv_proj=fused, o_proj=o, q_head_attrs=q_attrs, kv_head_attrs=kv_attrs)
+    if width:
+        base["q_width_attrs"] = width
+    if q_projs:
+        base["q_head_projs"] = q_projs
+    if q_params:
+        base["q_head_params"] = q_params
+    if isinstance(getattr(attn, "config", None), object) and getattr(getattr(attn, "config", None), "num_attention_heads", None) == nq:
+        # Phi-3 style: the forward slices the fused output at config.num_attention_heads x head_dim.
+        base["attention_config_heads"] = ("num_attention_heads",)
+    options = [
+        _Option(tuple(sorted({**base, "qkv_layout": layout}.items())), f"fused q/k/v layout {layout}")
+        for layout in _equivalent_layouts(dims, QKV_LAYOUTS)
+    ]
+    notes = [f"assumed: {a}" for a in assumed]
+    return options, False, True, attention, notes
+
+
+# ------------------------------------------------------------ MLP and experts
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A dense MLP in a layer: its module, column and row projections (relative to the module)."""
+
+    module: str
+    columns: tuple[str, ...]
+    row: str
+    stacked: int
+    familiar: bool
+    plain_linear: bool
+
+    def options(self) -> list[_Option]:
+        base = dict(mlp_column=self.columns, mlp_row=self.row)
+        if self.stacked == 1:
+            return [_Option(tuple(sorted(base.items())), "MLP")]
+        return [
+            _Option(tuple(sorted({**base, "mlp_stacked": self.stacked, "mlp_stacked_layout": layout}.items())), f"fused gate/up layout {layout}")
+            for layout in ("blocks", "interleaved")
+        ]
+
+
+def _dense_units(layer: nn.Module, hidden: int, excluded: Sequence[str], where: str) -> tuple[list[_Unit], list[str]]:
+    """Every dense MLP in ``layer`` outside ``excluded`` subtrees (attention modules, experts)."""
+    projs = {
+        n: m for n, m in _projection_like(layer).items()
+        if not any(_under(n, e) for e in excluded if e != "")
+    }
+    rows = {n: m for n, m in projs.items() if _io(m)[1] == hidden and _io(m)[0] != hidden}
+    cols = {n: m for n, m in projs.items() if _io(m)[0] == hidden and _io(m)[1] != hidden}
+    units: list[_Unit] = []
+    problems: list[str] = []
+    for rn, r in rows.items():
+        width = _io(r)[0]
+        plain = [c for c, m in cols.items() if _io(m)[1] == width]
+        stacked = [c for c, m in cols.items() if _io(m)[1] == 2 * width]
+        if 1 <= len(plain) <= 2 and not stacked:
+            columns, k = tuple(plain), 1
+        elif len(stacked) == 1 and not plain:
+            columns, k = tuple(stacked), 2
+        else:
+            continue
+        paths = list(columns) + [rn]
+        module = _common(paths)
+        mod = layer.get_submodule(module) if module else layer
+        # Everything with weights inside the unit besides the projections sees
+        # sharded activations (BitNet's ffn_sub_norm normalizes all columns);
+        # convolutions and state parameters belong to token mixers, not MLPs.
+        bad = ""
+        for n, m in mod.named_modules():
+            full = _join(module, n)
+            if full in paths or any(_under(full, e) for e in excluded if e and e != module and not _under(module, e)):
+                continue
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                bad = f"{where}.{full} is a convolution"
+                break
+            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and width in _io(m):
+                bad = f"{where}.{full} {_io(m)} also reads or writes the MLP width {width}"
+                break
+            for pname, p in m.named_parameters(recurse=False):
+                if isinstance(m, (nn.Linear,)) or _is_conv1d(m):
+                    break
+                if width in p.shape or p.dim() == 3:
+                    bad = f"{where}.{_join(full, pname)} (shape {tuple(p.shape)}) spans the MLP's sharded columns"
+                    break
+            if bad:
+                break
+        if bad:
+            problems.append(bad)
+            continue
+        familiar = all(_last(c) in COLUMN_NAMES for c in columns) and _last(rn) in ROW_NAMES
+        plain_linear = all(_is_plain_linear(layer.get_submodule(p)) for p in paths)
+        if not all(_is_plain_proj(layer.get_submodule(p)) for p in paths):
+            problems.append(f"{where}.{module}: MLP projections with their own forward")
+            continue
+        units.append(_Unit(module, tuple(_rel(c, module) for c in columns), _rel(rn, module), k, familiar, plain_linear))
+    return units, problems
+
+
+def _pick_unit(units: list[_Unit]) -> tuple[_Unit | None, str]:
+    """The layer's MLP among the dense units (others stay whole): familiar names, an MLP-like module name."""
+    if not units:
+        return None, ""
+    if len(units) == 1:
+        return units[0], ""
+
+    def score(u: _Unit) -> tuple[int, int]:
+        name = _last(u.module).lower() if u.module else ""
+        return (int(u.familiar), int(name in MLP_MODULE_NAMES or any(h in name for h in ("mlp", "ffn", "feed_forward", "expert"))))
+
+    best = max(score(u) for u in units)
+    top = [u for u in units if score(u) == best]
+    if len(top) > 1:
+        return None, f"several dense MLPs ({', '.join(u.module or '<layer>' for u in top)}): cannot tell which is the MLP"
+    others = [u.module or "<layer>" for u in units if u is not top[0]]
+    return top[0], f"other dense blocks kept whole: {', '.join(others)}"
+
+
+def _experts_option(layer: nn.Module, path: str, experts: nn.Module, hidden: int, where: str) -> tuple[dict[str, Any] | None, str]:
+    """ArchSpec fields for sharding fused 3-D experts by intermediate columns, or (None, why not)."""
+    params = {n: p for n, p in experts.named_parameters(recurse=False)}
+    gated = "gate_up_proj" in params
+    up_name = "gate_up_proj" if gated else ("up_proj" if "up_proj" in params else None)
+    if up_name is None or "down_proj" not in params or params[up_name].dim() != 3 or params["down_proj"].dim() != 3:
+        return None, f"{where}.{path}: experts with parameters {sorted(params)}, not gate_up_proj/up_proj + down_proj"
+    if getattr(experts, "has_bias", False) or any(n.endswith("_bias") for n in params):
+        return None, f"{where}.{path}: experts with biases"
+    if getattr(experts, "has_post_expert_norm", False):
+        return None, f"{where}.{path}: experts with a norm after each expert"
+    if hasattr(experts, "has_gate") and bool(experts.has_gate) != gated:
+        return None, f"{where}.{path}: has_gate={experts.has_gate} but the weights are named {up_name}"
+    up, down = params[up_name], params["down_proj"]
+    if up.shape[0] != down.shape[0]:
+        return None, f"{where}.{path}: {up.shape[0]} gate/up experts but {down.shape[0]} down experts"
+    fields: dict[str, Any] = dict(moe_gate_up=up_name, moe_down="down_proj")
+    if not hasattr(experts, "is_transposed"):
+        # No flags from transformers' experts decorator: read the layout off the shapes.
+        blocks = 2 if gated else 1
+        if up.shape[2] == hidden and down.shape[1] == hidden and up.shape[1] == blocks * down.shape[2]:
+            fields["moe_transposed"] = False
+        elif up.shape[1] == hidden and down.shape[2] == hidden and up.shape[2] == blocks * down.shape[1]:
+            fields["moe_transposed"] = True
+        else:
+            return None, f"{where}.{path}: expert weights {tuple(up.shape)} / {tuple(down.shape)} in no layout known"
+    return fields, ""
+
+
+def _mlp_parts(
+    layer: nn.Module, dims: ModelDims, kind: str, attention_like: Sequence[str], where: str
+) -> list[_Part]:
+    """The MLP parts of a layer kind: fused experts (if any) and the dense MLP / shared expert."""
+    hidden = dims.hidden_size
+    experts = _expert_modules(layer)
+    experts = {n: m for n, m in experts.items() if not any(_under(n, a) for a in attention_like if a)}
+    excluded = [a for a in attention_like if a] + list(experts)
+    units, problems = _dense_units(layer, hidden, excluded, where)
+    unit, pick_note = _pick_unit(units)
+    parts: list[_Part] = []
+    dense = _Part(kind, "mlp", [])
+    if unit is not None:
+        dense.top = unit.module.split(".")[0] if unit.module else None
+        dense.options = unit.options()
+        dense.unique = unit.stacked > 1
+        dense.certain = unit.stacked == 1 and unit.familiar and unit.plain_linear
+        if not unit.familiar:
+            dense.notes.append(f"assumed: {unit.module or '<layer>'} is an MLP ({', '.join(unit.columns)} -> {unit.row}; unfamiliar names)")
+        if pick_note and not pick_note.startswith("other"):
+            dense.notes.append(pick_note)
+    elif pick_note:
+        dense.notes.append(f"MLP replicated: {pick_note}")
+    elif not experts:
+        why = "; ".join(problems) if problems else f"no dense MLP (hidden {hidden} -> width -> hidden)" + _mixer_hint(layer)
+        dense.notes.append(f"MLP replicated: {why}")
+    if experts:
+        part = _Part(kind, "experts", [])
+        if len(experts) > 1:
+            part.notes.append(f"several expert modules ({', '.join(experts)}) replicated")
+        else:
+            (path, mod), = experts.items()
+            part.top = path.split(".")[0]
+            fields, why = _experts_option(layer, path, mod, hidden, where)
+            if fields is None:
+                part.notes.append(f"experts replicated: {why}")
+            else:
+                part.options = [_Option(tuple(sorted({**fields, "_experts": path}.items())), "fused 3-D experts")]
+        parts.append(part)
+    if unit is not None and experts:
+        dense.notes.append(f"{unit.module or '<layer>'} is the shared expert")
+    dense_fields = {"_unit": unit.module} if unit is not None else {}
+    dense.options = [_Option(o.fields + tuple(dense_fields.items()), o.label) for o in dense.options]
+    parts.append(dense)
+    return parts
+
+
+# ------------------------------------------------------------ a layer kind
+
+
+@dataclass
+class _Kind:
+    key: str
+    parts: list[_Part]
+    block: str | None  # the MoE block whose output is the experts' + shared expert's sum (one all-reduce), or None
+    gates: tuple[str, ...]  # replicated modules in that block scaling a partial sum (shared-expert gates)
+    tops: tuple[str, ...]  # the layer's direct children holding projections or experts
+
+    def signature(self) -> tuple:
+        return tuple((p.role, tuple(p.options), p.certain, p.unique, p.top) for p in self.parts), self.block, self.gates, self.tops
+
+
+def _infer_kind(layer: nn.Module, dims: ModelDims, key: str, where: str) -> _Kind:
+    attn, _, attention_like = _attention_part(layer, dims, key, where)
+    mlp_parts = _mlp_parts(layer, dims, key, attention_like, where)
+    experts = next((p for p in mlp_parts if p.role == "experts"), None)
+    dense = next(p for p in mlp_parts if p.role == "mlp")
+    if experts is not None and not dense.options and not dense.notes:
+        mlp_parts.remove(dense)  # an MoE block without a shared expert: nothing else to shard
+    block, gates = None, ()
+    if experts is not None and experts.options:
+        # One all-reduce per MoE block needs a real block (not the layer)
+        # holding the experts and the shared expert, whose output is their sum.
+        path = dict(experts.options[0].fields)["_experts"]
+        unit = dict(dense.options[0].fields).get("_unit") if dense.options else None
+        anchor = _common([path] + ([unit + ".x"] if unit is not None else []))
+        if anchor and not (dense.options and _has_row_bias(layer, dense)):
+            block = anchor
+            gates = tuple(sorted(n for n, m in _linears(layer.get_submodule(anchor)).items() if m.out_features == 1))
+    tops = tuple(
+        n for n, m in layer.named_children()
+        if isinstance(m, nn.Linear) or _is_conv1d(m) or _projection_like(m) or _expert_modules(m)
+    )
+    return _Kind(key, [attn, *mlp_parts], block, gates, tops)
+
+
+def _has_row_bias(layer: nn.Module, dense: _Part) -> bool:
+    fields = dict(dense.options[0].fields)
+    row = layer.get_submodule(_join(fields["_unit"], fields["mlp_row"]))
+    return getattr(row, "bias", None) is not None
+
+
+# ------------------------------------------------------------ embedding and head
+
+
+def _vocab_parts(model: nn.Module, dims: ModelDims) -> tuple[_Part, _Part, str, str]:
+    emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
+    emb_part, head_part = _Part("", "embedding", []), _Part("", "lm_head", [])
+    emb_path = head_path = ""
+    if not isinstance(emb, nn.Embedding):
+        emb_part.notes.append(f"embedding replicated: it is a {type(emb).__name__}, not an nn.Embedding")
+    else:
+        emb_path = _path_of(model, emb)
+        if emb.num_embeddings != dims.vocab_size:
+            emb_part.notes.append(f"embedding replicated: {emb.num_embeddings} rows, but the config says vocab_size {dims.vocab_size}")
+        elif type(emb).forward is nn.Embedding.forward:
+            emb_part.options, emb_part.certain = [_Option((), "vocab-parallel embedding")], True
+        else:
+            scale = getattr(emb, "embed_scale", None)
+            known = getattr(emb, "scalar_embed_scale", None) is not None or isinstance(scale, torch.Tensor) or (
+                isinstance(scale, (int, float)) and not isinstance(scale, bool)
+            )
+            if known:
+                emb_part.options = [_Option((), "vocab-parallel embedding with a scale")]
+                emb_part.notes.append(f"assumed: {type(emb).__name__} only multiplies by its embed_scale")
+            else:
+                emb_part.notes.append(f"embedding replicated: {type(emb).__name__} has its own forward")
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
-    if not _is_plain_linear(head):
-        raise ValueError(f"the LM head is a {type(head).__name__}, not a plain nn.Linear")
-    if head.out_features != dims.vocab_size:
-        raise ValueError(f"the LM head has {head.out_features} outputs, the config says vocab_size {dims.vocab_size}")
-    return _path_of(model, head)
+        head_part.notes.append(f"no LM head ({type(model).__name__}.get_output_embeddings() is None)")
+    else:
+        head_path = _path_of(model, head)
+        if not _is_plain_linear(head):
+            head_part.notes.append(f"LM head replicated: a {type(head).__name__}, not a plain nn.Linear")
+        elif head.out_features != dims.vocab_size:
+            head_part.notes.append(f"LM head replicated: {head.out_features} outputs, but the config says vocab_size {dims.vocab_size}")
+        else:
+            head_part.options, head_part.certain = [_Option((), "vocab-parallel LM head")], True
+    tied = isinstance(emb, nn.Embedding) and head is not None and getattr(head, "weight", None) is emb.weight
+    if tied and not head_part.options and emb_part.options:
+        # A whole head cannot share its table with a split embedding.
+        emb_part.options = []
+        emb_part.notes.append("embedding replicated: tied to an LM head that stays whole")
+    return emb_part, head_part, emb_path, head_path
 
 
-def _tp_plan_check(config: Any, layers: str, layer: _Layer) -> None:
-    """transformers' own plan (glob -> style), where present, must agree with every role we inferred."""
+def _tp_plan_disagreement(config: Any, layers: str, fields: dict[str, Any]) -> str:
+    """transformers' own plan (glob -> style), where present, against the roles we inferred: "" if they agree."""
     plan = getattr(_text_config(config), "base_model_tp_plan", None) or getattr(config, "base_model_tp_plan", None)
     if not plan:
-        return
-
-    def join(*parts: str) -> str:
-        return ".".join(p for p in parts if p)
-
-    roles = {join(layer.attention, n): "colwise" for n in (layer.q, layer.k, layer.v)}
-    roles[join(layer.attention, layer.o)] = "rowwise"
-    roles.update({join(layer.mlp, c): "colwise" for c in layer.columns})
-    roles[join(layer.mlp, layer.row)] = "rowwise"
+        return ""
+    roles: dict[str, str] = {}
+    if "q_proj" in fields:
+        att = fields["attention"]
+        roles.update({_join(att, fields[n]): "colwise" for n in ("q_proj", "k_proj", "v_proj")})
+        roles[_join(att, fields["o_proj"])] = "rowwise"
+    if "mlp_row" in fields:
+        mlp = fields.get("_unit", "")
+        roles.update({_join(mlp, c): "colwise" for c in fields["mlp_column"]})
+        roles[_join(mlp, fields["mlp_row"])] = "rowwise"
     for rel, want in roles.items():
         path = f"{layers}.0.{rel}"
         for glob, style in plan.items():
             pattern = re.escape(glob).replace(r"\*", r"\d+")
             if not re.search(rf"(^|\.){pattern}$", path):
                 continue
-            style = str(style)
-            ok = style in (COLWISE if want == "colwise" else ROWWISE)
-            if not ok:
-                raise ValueError(
-                    f"transformers' base_model_tp_plan marks {glob} as {style!r}, the auto-planner inferred "
-                    f"{want} for {path}: the two disagree"
-                )
+            if str(style) not in (COLWISE if want == "colwise" else ROWWISE):
+                return f"transformers' base_model_tp_plan marks {glob} as {str(style)!r}, the auto-planner inferred {want} for {path}"
+    return ""
 
 
-def _refuse_by_config(config: Any) -> None:
-    text = _text_config(config)
-    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 1:
-            raise ValueError(f"mixture of experts ({key}={value}): the auto-planner does not shard experts")
-    if getattr(text, "add_cross_attention", False):
-        raise ValueError("the config adds cross-attention (add_cross_attention=True)")
+# ------------------------------------------------------------ building specs
+
+
+@dataclass
+class _Plan:
+    """Everything inferred about a model, before the choices among hypotheses are made."""
+
+    model_type: str
+    layers: str
+    kinds: list[_Kind]
+    emb: _Part
+    head: _Part
+    emb_path: str
+    head_path: str
+
+    def parts(self) -> list[_Part]:
+        seen: dict[int, _Part] = {}
+        for k in self.kinds:
+            for p in k.parts:
+                seen.setdefault(id(p), p)
+        return list(seen.values()) + [self.emb, self.head]
+
+
+def _kind_spec(plan: _Plan, kind: _Kind, choice: dict[int, int | None], one_reduce: bool) -> ArchSpec:
+    fields: dict[str, Any] = {}
+    replicate: list[str] = []
+    parts = {p.role: p for p in kind.parts}
+    attn = parts["attention"]
+    if choice.get(id(attn)) is None:
+        replicate.append("attention")
+    else:
+        fields.update(dict(attn.options[choice[id(attn)]].fields))
+    dense, experts = parts.get("mlp"), parts.get("experts")
+    dense_fields = dict(dense.options[choice[id(dense)]].fields) if dense is not None and choice.get(id(dense)) is not None else None
+    exp_fields = dict(experts.options[choice[id(experts)]].fields) if experts is not None and choice.get(id(experts)) is not None else None
+    unit = dense_fields.pop("_unit") if dense_fields is not None else None
+    if exp_fields is not None:
+        exp_path = exp_fields.pop("_experts")
+        if one_reduce and kind.block is not None and (unit is None or _under(unit, kind.block)):
+            block, fields["moe_reduce"] = kind.block, "block"
+            if dense_fields is not None and kind.gates:
+                fields["moe_gates"] = kind.gates
+        else:
+            block = _common([exp_path] + ([unit + ".x"] if unit is not None else []))
+            fields["moe_reduce"] = "experts"
+        fields.update(mlp=block, moe_experts=_rel(exp_path, block), **exp_fields)
+        if dense_fields is not None:
+            fields.update(moe_shared_expert=_rel(unit, block) if unit != block else "", **dense_fields)
+    elif dense_fields is not None:
+        fields.update(mlp=unit, **dense_fields)
+    else:
+        replicate.append("mlp")
+    covered = []
+    if "attention" not in replicate:
+        covered.append(fields["attention"])
+    if dense_fields is not None:
+        covered += [_join(unit, c) for c in dense_fields["mlp_column"]] + [_join(unit, dense_fields["mlp_row"])]
+    if exp_fields is not None:
+        covered.append(exp_path)
+    # The replicated roles' own modules are described by ``replicate``.
+    own = {attn.top} if "attention" in replicate else set()
+    if dense is not None and dense_fields is None:
+        own.add(dense.top)
+    if experts is not None and exp_fields is None:
+        own.add(experts.top)
+    whole = tuple(
+        t for t in kind.tops
+        if not any(_under(c, t) or _under(t, c) for c in covered if c) and t not in own
+    )
+    if whole:
+        fields["kept_whole"] = whole
+    return ArchSpec(family=f"auto:{plan.model_type}", layers=plan.layers, replicate=tuple(replicate), **fields)
+
+
+def _notes(plan: _Plan, choice: dict[int, int | None], extra: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for part in plan.parts():
+        prefix = f"[{part.kind}] " if part.kind and part.several_kinds else ""
+        chosen = choice.get(id(part))
+        for note in part.notes:
+            if note.startswith("assumed:") and chosen is None:
+                continue  # an assumption about a part that is not sharded after all
+            out.append(prefix + note)
+        if chosen is not None and not part.certain:
+            out.append(prefix + f"{part.role}: {part.options[chosen].label} (proven on a tiny copy)")
+    out += extra
+    return tuple(dict.fromkeys(out))
+
+
+def _build(plan: _Plan, choice: dict[int, int | None], one_reduce: bool, extra_notes: Sequence[str] = ()) -> ArchSpec:
+    kind_specs = [(k.key, _kind_spec(plan, k, choice, one_reduce)) for k in plan.kinds]
+    model_replicate = tuple(r for r, p in (("embedding", plan.emb), ("lm_head", plan.head)) if choice.get(id(p)) is None)
+    model_fields: dict[str, Any] = {}
+    if plan.emb_path:
+        model_fields["embedding"] = plan.emb_path
+    if plan.head_path:
+        model_fields["lm_head"] = plan.head_path
+    notes = _notes(plan, choice, extra_notes)
+    first = kind_specs[0][1]
+    if all(s == first for _, s in kind_specs):
+        return first.replace(replicate=first.replicate + model_replicate, notes=notes, **model_fields)
+    return ArchSpec(
+        family=f"auto:{plan.model_type}", layers=plan.layers, replicate=model_replicate,
+        layer_kinds=tuple(sorted(kind_specs, key=lambda kv: kv[0])), notes=notes, **model_fields,
+    )
+
+
+def _shards_nothing(plan: _Plan, choice: dict[int, int | None]) -> bool:
+    return all(choice.get(id(p)) is None for k in plan.kinds for p in k.parts)
+
+
+# ------------------------------------------------------------ proving hypotheses
+
+
+class _Unprovable(ValueError):
+    """The tiny copy cannot judge any plan (transformers' own unsharded run fails)."""
+
+
+def _passes(model: nn.Module, spec: ArchSpec) -> bool:
+    from ..check import hypothesis_verdict, reference_problem
+
+    report = hypothesis_verdict(model, spec, HYPOTHESIS_WORLD)
+    problem = reference_problem(report)
+    if problem is not None:
+        raise _Unprovable(f"no plan can be proven on a tiny copy: {problem}")
+    return report.ok
+
+
+def _resolve(model: nn.Module, plan: _Plan, passes: Callable[[nn.Module, ArchSpec], bool]) -> ArchSpec:
+    parts = plan.parts()
+    choice: dict[int, int | None] = {id(p): (0 if p.options else None) for p in parts}
+    extra: list[str] = []
+
+    def alone(part: _Part, i: int) -> ArchSpec:
+        solo = {id(p): None for p in parts}
+        solo[id(part)] = i
+        return _build(plan, solo, one_reduce=False)
+
+    # Alternative layouts of the same weights: exactly one may pass.
+    for part in parts:
+        if part.unique and part.options:
+            good = [i for i in range(len(part.options)) if passes(model, alone(part, i))]
+            if len(good) == 1:
+                choice[id(part)] = good[0]
+                extra.append(f"{part.name}: of {', '.join(o.label for o in part.options)}, only {part.options[good[0]].label} passes")
+            else:
+                choice[id(part)] = None
+                what = "none" if not good else "more than one"
+                extra.append(f"{part.name} replicated: {what} of {', '.join(o.label for o in part.options)} passes on a tiny copy")
+    if _shards_nothing(plan, choice):
+        return _build(plan, choice, one_reduce=False, extra_notes=extra)
+    vanilla = (
+        all(p.certain for p in parts if p.options)
+        and all(choice[id(p)] is not None for p in parts)
+        and not any(p.notes for p in parts)
+        and len({k.signature() for k in plan.kinds}) == 1
+    )
+    if vanilla:
+        return _build(plan, choice, one_reduce=True, extra_notes=extra)
+    # Anything unusual: the whole plan once; on failure, every part alone.
+    if passes(model, _build(plan, choice, one_reduce=True)):
+        return _build(plan, choice, one_reduce=True, extra_notes=extra)
+    if any(k.block for k in plan.kinds) and passes(model, _build(plan, choice, one_reduce=False)):
+        return _build(plan, choice, one_reduce=False, extra_notes=extra + ["MoE partial sums reduced at the experts (one reduce per block failed)"])
+    for part in parts:
+        if choice[id(part)] is None or part.unique:
+            continue
+        chosen = next((i for i in range(len(part.options)) if passes(model, alone(part, i))), None)
+        if chosen is None:
+            extra.append(f"{part.name} replicated: {', '.join(o.label for o in part.options)} fails on a tiny copy")
+        choice[id(part)] = chosen
+    return _build(plan, choice, one_reduce=False, extra_notes=extra)
+
+
+# ------------------------------------------------------------ entry point
+
+
+def _infer_plan(model: nn.Module) -> _Plan:
+    config = model.config
+    model_type = str(getattr(config, "model_type", "?"))
+    try:
+        dims = ModelDims.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - any config the planner cannot read is a refusal
+        raise ValueError(f"the planner cannot read head counts and sizes from the config ({type(exc).__name__}: {exc})") from None
+    counts = _layer_counts(config)
+    if not counts:
+        raise ValueError("the config names no layer count (num_hidden_layers)")
+    layers_path = _find_layer_list(model, counts)
+    layers = model.get_submodule(layers_path)
+    from ..parallelize import layer_kind, layer_types
+
+    kinds: dict[str, _Kind] = {}
+    for i, (layer, kind_type) in enumerate(zip(layers, layer_types(config, len(layers)))):
+        key = layer_kind(layer, kind_type)
+        found = _infer_kind(layer, dims, key, f"{layers_path}.{i}")
+        if key not in kinds:
+            kinds[key] = found
+        elif found.signature() != kinds[key].signature():
+            # Same parameter names and layer type, different structure (shapes):
+            # nothing that tells the layers apart by name; keep that kind whole.
+            kind = kinds[key]
+            for part in kind.parts:
+                part.options = []
+                part.notes.append(f"replicated: layers {layers_path}.* of kind {key} differ in shape (e.g. layer {i})")
+    # Parts of identical kinds are shared, so a choice applies to all of them.
+    by_signature: dict[tuple, _Kind] = {}
+    for kind in kinds.values():
+        twin = by_signature.setdefault(kind.signature(), kind)
+        if twin is not kind:
+            kind.parts = twin.parts
+    emb, head, emb_path, head_path = _vocab_parts(model, dims)
+    plan = _Plan(model_type, layers_path, sorted(kinds.values(), key=lambda k: k.key), emb, head, emb_path, head_path)
+    several = len({k.signature() for k in plan.kinds}) > 1
+    for kind in plan.kinds:
+        for part in kind.parts:
+            part.several_kinds = several
+    for kind in plan.kinds:
+        for part in kind.parts:
+            if part.certain and part.options:
+                why = _tp_plan_disagreement(config, layers_path, dict(part.options[0].fields))
+                if why:
+                    # The roles we read disagree with transformers' own plan: prove them.
+                    part.certain = False
+                    part.notes.append(f"to prove: {why}")
+    return plan
 
 
 def infer_spec(model: nn.Module) -> ArchSpec:
     """An ``ArchSpec`` (family ``"auto:<model_type>"``) read off ``model``'s structure.
 
-    Raises ValueError saying why when the structure is not one the auto-planner
-    can shard with certainty. Works on meta-device models (reads no weights).
+    Parts it cannot shard with certainty are replicated (``spec.replicate``,
+    per layer kind; ``spec.notes`` says why); readings that need proof are
+    proven on a tiny random copy at TP=2 (see the module docstring). Raises
+    ValueError saying why when nothing in the layers can be sharded or the
+    model cannot be read. Works on meta-device models (reads no weights).
     """
-    config = model.config
-    model_type = getattr(config, "model_type", "?")
+    model_type = getattr(model.config, "model_type", "?")
     try:
-        _refuse_by_config(config)
-        try:
-            dims = ModelDims.from_config(config)
-        except Exception as exc:  # noqa: BLE001 - any config the planner cannot read is a refusal
-            raise ValueError(f"the planner cannot read head counts and sizes from the config ({type(exc).__name__}: {exc})") from None
-        text = _text_config(config)
-        n_layers = next((getattr(text, k) for k in _LAYER_KEYS if isinstance(getattr(text, k, None), int)), None)
-        if n_layers is None:
-            raise ValueError("the config names no layer count (num_hidden_layers)")
-        layers_path = _find_layer_list(model, n_layers)
-        layers = model.get_submodule(layers_path)
-        found = [_infer_layer(layer, dims, f"{layers_path}.{i}") for i, layer in enumerate(layers)]
+        plan = _infer_plan(model)
     except ValueError as exc:
         raise ValueError(f"{model_type}: {exc}") from None
-    first = found[0]
-    for i, other in enumerate(found[1:], 1):
-        if other != first:
-            raise ValueError(f"{model_type}: layers differ in structure (layer 0: {first}; layer {i}: {other})")
     try:
-        embedding = _embedding(model, dims)
-        lm_head = _lm_head(model, dims)
-        _tp_plan_check(config, layers_path, first)
-    except ValueError as exc:
+        spec = _resolve(model, plan, _passes)
+    except _Unprovable as exc:
         raise ValueError(f"{model_type}: {exc}") from None
-
-    fields = _spec_fields()
-    extra: dict[str, Any] = {}
-    if first.core:
-        if "attention_core" not in fields:
-            raise ValueError(f"{model_type}: q/k/v live in {first.attention}.{first.core}, which needs ArchSpec.attention_core")
-        extra["attention_core"] = first.core
-    if first.width_attrs:
-        if "q_width_attrs" not in fields:
-            raise ValueError(f"{model_type}: attention width attributes {first.width_attrs} need ArchSpec.q_width_attrs")
-        extra["q_width_attrs"] = first.width_attrs
-    return ArchSpec(
-        family=f"auto:{model_type}",
-        layers=layers_path,
-        attention=first.attention,
-        q_proj=first.q,
-        k_proj=first.k,
-        v_proj=first.v,
-        o_proj=first.o,
-        mlp=first.mlp,
-        mlp_column=first.columns,
-        mlp_row=first.row,
-        embedding=embedding,
-        lm_head=lm_head,
-        q_head_attrs=first.q_attrs,
-        kv_head_attrs=first.kv_attrs,
-        **extra,
-    )
+    per_layer = [s for _, s in spec.layer_kinds] or [spec]
+    if all("attention" in s.replicate and "mlp" in s.replicate for s in per_layer):
+        reasons = "; ".join(n for n in spec.notes if "replicated" in n) or "no attention or MLP found"
+        raise ValueError(
+            f"{model_type}: nothing in the layers can be sharded (a plan that only splits the vocabulary gives "
+            f"no tensor parallelism): {reasons}"
+        )
+    return spec

@@ -149,6 +149,15 @@ class ArchSpec:
     # with the two (the auto-planner's choice; one more all-reduce when there
     # is a shared expert).
     moe_reduce: str = "block"
+    # Whether the experts' 3-D weights are stored transposed, (experts, in, out);
+    # None: the experts module's own ``is_transposed`` flag (transformers'
+    # experts decorator sets it), False without one.
+    moe_transposed: bool | None = None
+    # Modules of a layer (relative to it) holding weights that this plan
+    # leaves whole besides the replicated roles: cross-attention, state-space
+    # mixers, extra blocks. Descriptive only (so a plan can say what it keeps
+    # whole); parallelize never touches modules a spec does not name.
+    kept_whole: tuple[str, ...] = ()
     # Why parts of the plan are replicated, for people; not part of the plan's identity.
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
