@@ -14,14 +14,17 @@ from tp_engine.models import SPECS
 from tp_engine.models.auto import infer_spec
 from tp_engine.models.spec import ArchSpec
 
-# BioGPT scales its word embedding by sqrt(d_model) in its own forward; a spec
-# that shards it as a plain embedding is silently wrong by that factor. This is
-# the kind of plan the parity check exists to catch (the auto-planner itself
-# refuses BioGPT's scaled embedding before it gets this far).
-BIOGPT_HAND_SPEC = ArchSpec(
-    family="hand:biogpt", layers="biogpt.layers", attention="self_attn", o_proj="out_proj",
-    mlp="", mlp_column=("fc1",), mlp_row="fc2", embedding="biogpt.embed_tokens", lm_head="output_projection",
+# Persimmon fuses q/k/v per head ([q_h | k_h | v_h], the "grouped" layout). A
+# hand spec that reads the same weights as [all Q | all K | all V] ("concat")
+# shards without any error and computes something else: the kind of plan the
+# parity check exists to catch (the auto-planner tries both layouts and keeps
+# the one that passes).
+PERSIMMON_RIGHT = ArchSpec(
+    family="hand:persimmon", attention="self_attn", qkv_proj="query_key_value", qkv_layout="grouped", o_proj="dense",
+    q_head_attrs=("num_heads",), kv_head_attrs=(), q_width_attrs=("hidden_size",),
+    mlp="mlp", mlp_column=("dense_h_to_4h",), mlp_row="dense_4h_to_h",
 )
+PERSIMMON_WRONG = PERSIMMON_RIGHT.replace(qkv_layout="concat")
 
 
 def _llama(heads: int, kv: int, **kwargs) -> transformers.LlamaConfig:
@@ -112,11 +115,11 @@ def test_parity_check_names_a_partial_plan():
 
 
 def test_parity_check_catches_a_silently_wrong_spec():
-    wrong = parity_check(transformers.BioGptConfig(scale_embedding=True), 2, spec=BIOGPT_HAND_SPEC)
+    wrong = parity_check(transformers.PersimmonConfig(), 2, spec=PERSIMMON_WRONG)
     assert not wrong.ok and not wrong.greedy_match
-    assert "max |logit diff|" in wrong.reason and wrong.max_abs_diff > 1e-4
-    # The same spec is right where the embedding is not scaled: the check is not just failing everything.
-    right = parity_check(transformers.BioGptConfig(scale_embedding=False), 2, spec=BIOGPT_HAND_SPEC)
+    assert "max |logit diff|" in wrong.reason and wrong.max_abs_diff > 1e-2  # off by orders of magnitude
+    # The right layout passes: the check is not just failing everything.
+    right = parity_check(transformers.PersimmonConfig(), 2, spec=PERSIMMON_RIGHT)
     assert right.ok, right.reason
 
 
@@ -141,14 +144,14 @@ def test_guard_raises_on_a_failed_check_and_caches(monkeypatch):
 
     monkeypatch.setattr(check_mod, "_verdicts", {})
     monkeypatch.setattr(check_mod, "_parity", counting)
-    model = tiny_model(transformers.BioGptConfig(scale_embedding=True))
+    model = tiny_model(transformers.PersimmonConfig())
     # The guard checks that the tiny copy infers the very spec given: a hand
     # spec is not an inference, so pretend it is one for this model.
-    monkeypatch.setattr("tp_engine.models.auto.infer_spec", lambda m: BIOGPT_HAND_SPEC)
-    with pytest.raises(ValueError, match=r"auto plan for biogpt failed its parity check: max \|diff\| \d"):
-        guard_auto_spec(model, BIOGPT_HAND_SPEC, 2)
+    monkeypatch.setattr("tp_engine.models.auto.infer_spec", lambda m: PERSIMMON_WRONG)
+    with pytest.raises(ValueError, match=r"auto plan for persimmon failed its parity check: max \|diff\| \d"):
+        guard_auto_spec(model, PERSIMMON_WRONG, 2)
     with pytest.raises(ValueError, match="failed its parity check"):
-        guard_auto_spec(model, BIOGPT_HAND_SPEC, 2)
+        guard_auto_spec(model, PERSIMMON_WRONG, 2)
     assert calls == [2]  # the second call used the cached verdict
 
 

@@ -11,6 +11,13 @@ calls it for every architecture without a declared spec, and an inferred
 plan is used only after it passed this check at the requested split. Every
 rank of a real run checks locally (same seed, same tiny model, same verdict),
 so the guard needs no collective; the verdict is cached per process.
+
+``hypothesis_verdict`` is the same check for the auto-planner's candidate
+plans (which fused layout, whether a part can be split at all), at TP=2.
+Each tiny model and its unsharded reference are built once per process and
+structure (``_bench``), and every verdict is kept by the exact tiny model,
+spec and split it was computed for, so a check the planner already ran is
+not run again by the guard or by ``parity_check``.
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ from torch import nn
 from .comm.threads import run_threads
 from .models.spec import ArchSpec
 
-__all__ = ["ParityReport", "guard_auto_spec", "parity_check", "tiny_config", "tiny_model"]
+__all__ = [
+    "ParityReport", "guard_auto_spec", "hypothesis_verdict", "parity_check", "reference_problem", "tiny_config", "tiny_model",
+]
 
 # ------------------------------------------------------------ tiny configs
 
@@ -114,6 +123,13 @@ def _shrink(d: dict) -> None:
             # Gemma 3n: the last layers reuse earlier layers' KV: keep one of each kind to reuse.
             d["num_kv_shared_layers"] = min(shared_kv, new_layers)
             new_layers = min(n_layers, new_layers + d["num_kv_shared_layers"])
+        for k, v in list(d.items()):
+            if _is_layer_index_list(k, v, n_layers):
+                # Layers listed by index (Mllama's cross_attention_layers) are a
+                # kind of their own: keep the first listed and the first unlisted one.
+                unlisted = sorted(set(range(n_layers)) - set(v))
+                for first in (v[0], unlisted[0] if unlisted else 0):
+                    new_layers = max(new_layers, min(n_layers, first + 1))
         for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):
             if isinstance(d.get(offset), int) and isinstance(d.get(period), int):
                 new_layers = max(new_layers, min(n_layers, d[offset] + 1))
@@ -582,13 +598,28 @@ def _parity(
     if isinstance(reference, str):
         return report(False, math.nan, False, source, reference)
     ref_logits, ref_tokens, ref_gen_error = reference
-    if atol == 1e-4 and seed == 0 and new_tokens == 4:
-        # The auto-planner may have run this very check already (same tiny
-        # copy, spec and split) while proving the spec: its verdict stands.
+    # The auto-planner may have run this very check already (the same tiny
+    # model, spec and split) while proving the spec: its verdict stands.
+    exact = (
+        type(tiny), json.dumps(tiny.config.to_dict(), sort_keys=True, default=repr), use_spec, world_size,
+        tuple(float(x) for x in shares) if shares is not None else None, new_tokens, atol, seed,
+    )
+    with _verdicts_lock:
+        known = _results.get(exact)
+    if known is not None:
+        return dataclasses.replace(known, plan_source=source, partial=partial, shares=shares_t)
+    verdict = _run_parity(tiny, input_ids, reference, world_size, shares, use_spec, new_tokens, atol, timeout, report, source)
+    if "Timeout" not in verdict.reason:  # a run cut short by load proves nothing either way: not kept
         with _verdicts_lock:
-            known = _hypotheses.get(_structure_key(tiny, use_spec, world_size, shares))
-        if known is not None:
-            return dataclasses.replace(known, plan_source=source, partial=partial, shares=shares_t)
+            _results[exact] = verdict
+    return verdict
+
+
+def _run_parity(
+    tiny: nn.Module, input_ids: torch.Tensor, reference: tuple, world_size: int, shares: Sequence[float] | None,
+    use_spec: ArchSpec, new_tokens: int, atol: float, timeout: float, report: Any, source: str,
+) -> ParityReport:
+    ref_logits, ref_tokens, ref_gen_error = reference
 
     copies = [copy.deepcopy(tiny) for _ in range(world_size)]
     # Hand parallelize the spec under test where it takes one; otherwise its
@@ -686,6 +717,8 @@ def guard_auto_spec(model: nn.Module, spec: ArchSpec, world_size: int, shares: S
 # ------------------------------------------------------------ hypotheses
 
 _hypotheses: dict[tuple, ParityReport] = {}
+# Every parity verdict, by the exact tiny model checked (class and config), spec and split.
+_results: dict[tuple, ParityReport] = {}
 
 
 def hypothesis_verdict(model: nn.Module, spec: ArchSpec, world_size: int) -> ParityReport:

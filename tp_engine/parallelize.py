@@ -45,6 +45,7 @@ from .layers import (
     ShardSpec,
     VocabParallelEmbedding,
     copy_shard_,
+    map_first_output,
     shard_parameter,
 )
 from .models import resolve_spec
@@ -341,12 +342,13 @@ def _shard_attention(attn: nn.Module, spec: ArchSpec, ctx: _Context, path: str, 
         kv_modules.append((new, kv_rows, full))
     else:
         q, k, v = (_proj(attn, n, path) for n in (spec.q_proj, spec.k_proj, spec.v_proj))
-        if _in_out(q)[1] != nq * hd or _in_out(k)[1] != nkv * hd or _in_out(v)[1] != nkv * hd:
+        q_rows = spec.q_rows_per_head or hd  # a gated q_proj holds [q_h | gate_h] per head
+        if _in_out(q)[1] != nq * q_rows or _in_out(k)[1] != nkv * hd or _in_out(v)[1] != nkv * hd:
             raise ValueError(
                 f"{path}: projection shapes {_in_out(q)[1]}/{_in_out(k)[1]}/{_in_out(v)[1]} disagree with "
-                f"{nq} Q / {nkv} KV heads of dim {hd}"
+                f"{nq} Q / {nkv} KV heads of dim {hd}" + (f" ({q_rows} q rows per head)" if spec.q_rows_per_head else "")
             )
-        _set(attn, spec.q_proj, _column(q, _heads(rp.q_heads, hd), comm))
+        _set(attn, spec.q_proj, _column(q, _heads(rp.q_heads, q_rows), comm))
         kv_len = len(rp.kv_heads) * hd
         for name, old in ((spec.k_proj, k), (spec.v_proj, v)):
             new = _column(old, _heads(rp.kv_heads, hd), comm)
@@ -432,6 +434,38 @@ def _expert_param(experts: nn.Module, name: str, where: str) -> nn.Parameter:
     return param
 
 
+def _expert_bias(experts: nn.Module, name: str, dims: int, where: str) -> nn.Parameter:
+    param = getattr(experts, name, None)
+    if not isinstance(param, nn.Parameter) or param.dim() != dims:
+        raise TypeError(f"{_join(where, name)}: expected a {dims}-D (experts, features) bias parameter")
+    return param
+
+
+class _WithoutRoutedBias:
+    """Forward hook (ranks other than 0): subtract the routed down-projection bias.
+
+    The experts module returns sum_k w_k (down_k(x) + b_k) per token; with the
+    weights split, every rank's partial output carries the whole sum_k w_k b_k,
+    so after the all-reduce it would be counted once per rank. The forward's
+    routing arguments (token indices and weights, after the hidden states)
+    give exactly that term.
+    """
+
+    def __init__(self, bias_name: str, where: str):
+        self.bias_name, self.where = bias_name, where
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        routing = list(args[1:3]) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        if len(routing) < 2:
+            raise RuntimeError(f"{self.where}: expected the routing indices and weights as forward arguments")
+        index, weights = routing[0], routing[1]
+        if index.is_floating_point():
+            index, weights = weights, index
+        bias = getattr(module, self.bias_name)
+        routed = (weights.unsqueeze(-1).to(bias.dtype) * bias[index]).sum(dim=-2)
+        return map_first_output(output, lambda y: y - routed.to(y.dtype).reshape(y.shape))
+
+
 def _shard_moe(block: nn.Module, spec: ArchSpec, ctx: _Context, path: str) -> None:
     """Shard every expert by intermediate columns; reduce the block's output once.
 
@@ -444,8 +478,9 @@ def _shard_moe(block: nn.Module, spec: ArchSpec, ctx: _Context, path: str) -> No
     """
     where = _join(path, spec.moe_experts)
     experts = _get(block, spec.moe_experts, path)
-    if getattr(experts, "has_bias", False) or getattr(experts, "has_post_expert_norm", False):
-        raise ValueError(f"{where}: experts with biases or a post-expert norm are not supported")
+    if getattr(experts, "has_post_expert_norm", False):
+        raise ValueError(f"{where}: experts with a post-expert norm are not supported")
+    has_bias = bool(getattr(experts, "has_bias", False))
     transposed = spec.moe_transposed if spec.moe_transposed is not None else bool(getattr(experts, "is_transposed", False))
     gated = bool(getattr(experts, "has_gate", True))
     concatenated = bool(getattr(experts, "is_concatenated", True))
@@ -467,6 +502,17 @@ def _shard_moe(block: nn.Module, spec: ArchSpec, ctx: _Context, path: str) -> No
         up_ranges = tuple((k * width + cols.start, k * width + cols.stop) for k in range(blocks))
     setattr(experts, spec.moe_gate_up, shard_parameter(gate_up, ShardSpec(up_dim, up_ranges)))
     setattr(experts, spec.moe_down, shard_parameter(down, ShardSpec(down_dim, ((cols.start, cols.stop),))))
+    if has_bias:
+        # GPT-OSS: gate/up biases (experts, [gate | up]) split like their
+        # columns; the down bias (experts, hidden) is added by every rank's
+        # partial expert output, so all but rank 0 take its routed share back out.
+        up_bias = _expert_bias(experts, f"{spec.moe_gate_up}_bias", 2, where)
+        down_bias = _expert_bias(experts, f"{spec.moe_down}_bias", 2, where)
+        if up_bias.shape[1] != blocks * width or down_bias.shape[1] != int(down.shape[2 if transposed else 1]):
+            raise ValueError(f"{where}: expert bias shapes {tuple(up_bias.shape)} / {tuple(down_bias.shape)} do not match the weights")
+        setattr(experts, f"{spec.moe_gate_up}_bias", shard_parameter(up_bias, ShardSpec(1, up_ranges)))
+        if ctx.rank != 0:
+            experts.register_forward_hook(_WithoutRoutedBias(f"{spec.moe_down}_bias", where), with_kwargs=True)
     if isinstance(getattr(experts, "intermediate_dim", None), int):
         experts.intermediate_dim = len(cols)
     # The experts read their input directly (no ColumnParallel layer): sum
@@ -684,7 +730,8 @@ def _shard_layers(model: nn.Module, spec: ArchSpec, ctx: _Context) -> None:
     layers = model.get_submodule(layers_path)
     for i, (layer, lspec) in enumerate(zip(layers, per_layer)):
         path = f"{layers_path}.{i}"
-        shard_attention, shard_mlp = "attention" not in lspec.replicate, "mlp" not in lspec.replicate
+        shard_attention = "attention" not in lspec.replicate + lspec.absent
+        shard_mlp = "mlp" not in lspec.replicate + lspec.absent
         # Parallel attention + MLP: both row-parallel outputs go to one sink,
         # reduced once by the layer's hooks (only when both are sharded).
         sink = PartialSum(ctx.comm, path, members=2) if lspec.parallel_block and shard_attention and shard_mlp else None

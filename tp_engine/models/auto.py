@@ -40,9 +40,7 @@ that infers the very same spec.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -164,13 +162,18 @@ def _projection_like(module: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, conv1d))}
 
 
+_EXPERT_WEIGHT_HINTS = ("up", "down", "gate", "w1", "w2", "w3", "expert", "linear")
+
+
 def _expert_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """Modules holding fused 3-D expert weights (two or more 3-D parameters of their own)."""
+    """Modules holding fused 3-D expert weights (two or more 3-D parameters of their own,
+    named like projections: XLNet's 3-D q/k/v/o attention weights are not experts)."""
     out = {}
     for n, m in module.named_modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
-        if sum(1 for p in m.parameters(recurse=False) if p.dim() == 3) >= 2:
+        three_d = [pn for pn, p in m.named_parameters(recurse=False) if p.dim() == 3]
+        if len(three_d) >= 2 and any(h in pn.lower() for pn in three_d for h in _EXPERT_WEIGHT_HINTS):
             out[n] = m
     return out
 
@@ -210,6 +213,7 @@ class _Part:
     unique: bool = False
     notes: list[str] = field(default_factory=list)
     top: str | None = None  # attention: the layer child holding it (its token mixer when replicated)
+    absent: bool = False  # the layer kind has no such role at all (an MLP-only block): nothing to shard
     several_kinds: bool = False  # name the kind in messages
 
     @property
@@ -362,11 +366,14 @@ def _attention_part(layer: nn.Module, dims: ModelDims, kind: str, where: str) ->
         part.top = latent[0].split(".")[0] if len(latent) == 1 and latent[0] else None
         return part, None, attention_like
     if not own:
+        part.absent = not holders and not latent  # settled in _infer_kind: absent unless some other block is left
         fused = [n for n in _projection_like(layer) if any(h in _last(n).lower() for h in FUSED_QKV_HINTS)]
-        why = (
-            f"fused projection {fused[0]} does not have the (Q + 2 KV heads) x head_dim outputs of a q/k/v projection"
-            if fused else "no attention module with q/k/v projections" + _mixer_hint(layer)
-        )
+        if cross:
+            why = "no self-attention besides the cross-attention"
+        elif fused:
+            why = f"fused projection {fused[0]} does not have the (Q + 2 KV heads) x head_dim outputs of a q/k/v projection"
+        else:
+            why = "no attention module with q/k/v projections" + _mixer_hint(layer)
         part.notes.append(f"token mixer replicated: {why}")
         return part, None, attention_like
     if len(own) > 1:
@@ -503,7 +510,12 @@ def _separate_attention(
     shapes = {name: _in_out(m) for name, m in mods.items()}
     extra_fields: dict[str, Any] = {}
     notes: list[str] = []
-    expected = {q: (None, nq * hd), k: (None, nkv * hd), v: (None, nkv * hd), o: (nq * hd, None)}
+    q_out = shapes[q][1]
+    if q_out != nq * hd and q_out % (nq * hd) == 0 and shapes[k][1] == nkv * hd and shapes[o][0] == nq * hd:
+        # A gated attention: q_proj holds [q_h | gate_h] per head (Qwen3-Next), a hypothesis to prove.
+        extra_fields["q_rows_per_head"] = q_out // nq
+        notes.append(f"assumed: {q} holds {q_out // (nq * hd)} x head_dim rows per Q head (query and gate)")
+    expected = {q: (None, nq * (extra_fields.get("q_rows_per_head") or hd)), k: (None, nkv * hd), v: (None, nkv * hd), o: (nq * hd, None)}
     if any((wi is not None and shapes[n][0] != wi) or (wo is not None and shapes[n][1] != wo) for n, (wi, wo) in expected.items()):
         raise _Replicate(
             f"{where}.{attention}: projection shapes (in, out) {shapes} disagree with {nq} Q / {nkv} KV heads "
@@ -528,7 +540,7 @@ def _separate_attention(
         fields["q_head_projs"] = q_projs
     if q_params:
         fields["q_head_params"] = q_params
-    certain = not assumed
+    certain = not assumed and not extra_fields
     notes += [f"assumed: {a}" for a in assumed]
     return [_Option(tuple(sorted(fields.items())), "separate q/k/v")], certain, False, attention, notes
 
@@ -582,7 +594,11 @@ def _fused_attention(
         base["q_head_projs"] = q_projs
     if q_params:
         base["q_head_params"] = q_params
-    if isinstance(getattr(attn, "config", None), object) and getattr(getattr(attn, "config", None), "num_attention_heads", None) == nq:
+    try:
+        config_heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    except Exception:  # noqa: BLE001 - heterogeneous configs raise on some global reads
+        config_heads = None
+    if config_heads == nq:
         # Phi-3 style: the forward slices the fused output at config.num_attention_heads x head_dim.
         base["attention_config_heads"] = ("num_attention_heads",)
     options = [
@@ -700,8 +716,9 @@ def _experts_option(layer: nn.Module, path: str, experts: nn.Module, hidden: int
     up_name = "gate_up_proj" if gated else ("up_proj" if "up_proj" in params else None)
     if up_name is None or "down_proj" not in params or params[up_name].dim() != 3 or params["down_proj"].dim() != 3:
         return None, f"{where}.{path}: experts with parameters {sorted(params)}, not gate_up_proj/up_proj + down_proj"
-    if getattr(experts, "has_bias", False) or any(n.endswith("_bias") for n in params):
-        return None, f"{where}.{path}: experts with biases"
+    biased = getattr(experts, "has_bias", False) or any(n.endswith("_bias") for n in params)
+    if biased and not (getattr(experts, "has_bias", False) and {f"{up_name}_bias", "down_proj_bias"} <= set(params)):
+        return None, f"{where}.{path}: experts with biases other than {up_name}_bias / down_proj_bias"
     if getattr(experts, "has_post_expert_norm", False):
         return None, f"{where}.{path}: experts with a norm after each expert"
     if hasattr(experts, "has_gate") and bool(experts.has_gate) != gated:
@@ -741,19 +758,28 @@ def _mlp_parts(
         dense.certain = unit.stacked == 1 and unit.familiar and unit.plain_linear
         if not unit.familiar:
             dense.notes.append(f"assumed: {unit.module or '<layer>'} is an MLP ({', '.join(unit.columns)} -> {unit.row}; unfamiliar names)")
-        if pick_note and not pick_note.startswith("other"):
+        if pick_note:
             dense.notes.append(pick_note)
     elif pick_note:
         dense.notes.append(f"MLP replicated: {pick_note}")
     elif not experts:
-        why = "; ".join(problems) if problems else f"no dense MLP (hidden {hidden} -> width -> hidden)" + _mixer_hint(layer)
-        dense.notes.append(f"MLP replicated: {why}")
+        if problems:
+            dense.notes.append(f"MLP replicated: {'; '.join(problems)}")
+        else:
+            dense.absent = True  # no MLP-shaped projections at all (a mixer-only block)
     if experts:
         part = _Part(kind, "experts", [])
+        candidates = experts
         if len(experts) > 1:
-            part.notes.append(f"several expert modules ({', '.join(experts)}) replicated")
-        else:
-            (path, mod), = experts.items()
+            # Several: shard the one transformers' experts decorator describes
+            # (the routed experts); the others stay whole, which is right when
+            # the partial sums are reduced at the experts module.
+            flagged = {n: m for n, m in experts.items() if hasattr(m, "is_transposed")}
+            candidates = flagged if len(flagged) == 1 else {}
+            kept = [n for n in experts if n not in candidates]
+            part.notes.append(f"expert modules kept whole: {', '.join(kept)}")
+        if candidates:
+            (path, mod), = candidates.items()
             part.top = path.split(".")[0]
             fields, why = _experts_option(layer, path, mod, hidden, where)
             if fields is None:
@@ -781,7 +807,7 @@ class _Kind:
     tops: tuple[str, ...]  # the layer's direct children holding projections or experts
 
     def signature(self) -> tuple:
-        return tuple((p.role, tuple(p.options), p.certain, p.unique, p.top) for p in self.parts), self.block, self.gates, self.tops
+        return tuple((p.role, tuple(p.options), p.certain, p.unique, p.top, p.absent) for p in self.parts), self.block, self.gates, self.tops
 
 
 def _infer_kind(layer: nn.Module, dims: ModelDims, key: str, where: str) -> _Kind:
@@ -798,13 +824,23 @@ def _infer_kind(layer: nn.Module, dims: ModelDims, key: str, where: str) -> _Kin
         path = dict(experts.options[0].fields)["_experts"]
         unit = dict(dense.options[0].fields).get("_unit") if dense.options else None
         anchor = _common([path] + ([unit + ".x"] if unit is not None else []))
-        if anchor and not (dense.options and _has_row_bias(layer, dense)):
+        others = [n for n in _expert_modules(layer) if n != path and _under(n, anchor)]
+        if anchor and not others and not (dense.options and _has_row_bias(layer, dense)):
             block = anchor
             gates = tuple(sorted(n for n, m in _linears(layer.get_submodule(anchor)).items() if m.out_features == 1))
-    tops = tuple(
-        n for n, m in layer.named_children()
-        if isinstance(m, nn.Linear) or _is_conv1d(m) or _projection_like(m) or _expert_modules(m)
-    )
+    # The layer's blocks with weight matrices (norms have only vectors).
+    tops = tuple(n for n, m in layer.named_children() if any(p.dim() >= 2 for p in m.parameters()))
+    if attn.absent:
+        # No attention found: absent only if the MLP parts account for every
+        # block with weights (else that block is the token mixer, kept whole).
+        mlp_tops = {p.top for p in mlp_parts}
+        dense_unit = dict(dense.options[0].fields).get("_unit") if dense.options else None
+        if dense_unit == "":
+            mlp_tops |= {_join(*c.split(".")[:1]) for c in dict(dense.options[0].fields)["mlp_column"]}
+            mlp_tops.add(dict(dense.options[0].fields)["mlp_row"].split(".")[0])
+        attn.absent = all(t in mlp_tops for t in tops)
+        if attn.absent:
+            attn.notes = [n for n in attn.notes if not n.startswith("token mixer replicated")]
     return _Kind(key, [attn, *mlp_parts], block, gates, tops)
 
 
@@ -911,7 +947,10 @@ def _kind_spec(plan: _Plan, kind: _Kind, choice: dict[int, int | None], one_redu
     replicate: list[str] = []
     parts = {p.role: p for p in kind.parts}
     attn = parts["attention"]
-    if choice.get(id(attn)) is None:
+    absent: list[str] = []
+    if attn.absent:
+        absent.append("attention")
+    elif choice.get(id(attn)) is None:
         replicate.append("attention")
     else:
         fields.update(dict(attn.options[choice[id(attn)]].fields))
@@ -933,10 +972,14 @@ def _kind_spec(plan: _Plan, kind: _Kind, choice: dict[int, int | None], one_redu
             fields.update(moe_shared_expert=_rel(unit, block) if unit != block else "", **dense_fields)
     elif dense_fields is not None:
         fields.update(mlp=unit, **dense_fields)
+    elif dense is not None and dense.absent and experts is None:
+        absent.append("mlp")
     else:
         replicate.append("mlp")
+    if absent:
+        fields["absent"] = tuple(absent)
     covered = []
-    if "attention" not in replicate:
+    if "attention" not in replicate and "attention" not in absent:
         covered.append(fields["attention"])
     if dense_fields is not None:
         covered += [_join(unit, c) for c in dense_fields["mlp_column"]] + [_join(unit, dense_fields["mlp_row"])]
@@ -950,7 +993,7 @@ def _kind_spec(plan: _Plan, kind: _Kind, choice: dict[int, int | None], one_redu
         own.add(experts.top)
     whole = tuple(
         t for t in kind.tops
-        if not any(_under(c, t) or _under(t, c) for c in covered if c) and t not in own
+        if not any(c == "" or _under(c, t) or _under(t, c) for c in covered) and t not in own
     )
     if whole:
         fields["kept_whole"] = whole
@@ -994,6 +1037,11 @@ def _shards_nothing(plan: _Plan, choice: dict[int, int | None]) -> bool:
     return all(choice.get(id(p)) is None for k in plan.kinds for p in k.parts)
 
 
+def _shards_no_role(spec: ArchSpec) -> bool:
+    """A layer spec that leaves attention and MLP whole (or has neither)."""
+    return all(role in spec.replicate + spec.absent for role in ("attention", "mlp"))
+
+
 # ------------------------------------------------------------ proving hypotheses
 
 
@@ -1034,17 +1082,19 @@ def _resolve(model: nn.Module, plan: _Plan, passes: Callable[[nn.Module, ArchSpe
                 extra.append(f"{part.name} replicated: {what} of {', '.join(o.label for o in part.options)} passes on a tiny copy")
     if _shards_nothing(plan, choice):
         return _build(plan, choice, one_reduce=False, extra_notes=extra)
+    optimistic = _build(plan, choice, one_reduce=True, extra_notes=extra)
     vanilla = (
         all(p.certain for p in parts if p.options)
         and all(choice[id(p)] is not None for p in parts)
         and not any(p.notes for p in parts)
-        and len({k.signature() for k in plan.kinds}) == 1
+        and not optimistic.layer_kinds and not optimistic.kept_whole and not optimistic.replicate
     )
     if vanilla:
-        return _build(plan, choice, one_reduce=True, extra_notes=extra)
+        # Today's well-understood layout in every layer: the guard's check is proof enough.
+        return optimistic
     # Anything unusual: the whole plan once; on failure, every part alone.
-    if passes(model, _build(plan, choice, one_reduce=True)):
-        return _build(plan, choice, one_reduce=True, extra_notes=extra)
+    if passes(model, optimistic):
+        return optimistic
     if any(k.block for k in plan.kinds) and passes(model, _build(plan, choice, one_reduce=False)):
         return _build(plan, choice, one_reduce=False, extra_notes=extra + ["MoE partial sums reduced at the experts (one reduce per block failed)"])
     for part in parts:
@@ -1087,6 +1137,21 @@ def _infer_plan(model: nn.Module) -> _Plan:
             for part in kind.parts:
                 part.options = []
                 part.notes.append(f"replicated: layers {layers_path}.* of kind {key} differ in shape (e.g. layer {i})")
+    # Per-layer pieces kept in lists beside the layer list (XLM keeps its FFNs
+    # in transformer.ffns): a role the layers lack is then not absent but
+    # left whole there.
+    siblings = [
+        n for n, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == len(layers) and n != layers_path
+        and not _under(n, layers_path) and not any(h in n.lower() for h in TOWER_HINTS)
+        and any(p.dim() >= 2 for p in m.parameters())
+    ]
+    if siblings:
+        for kind in kinds.values():
+            for part in kind.parts:
+                if part.absent:
+                    part.absent = False
+                    part.notes.append(f"{part.role} replicated: per-layer modules in {', '.join(siblings)} are kept whole")
     # Parts of identical kinds are shared, so a choice applies to all of them.
     by_signature: dict[tuple, _Kind] = {}
     for kind in kinds.values():
@@ -1129,7 +1194,7 @@ def infer_spec(model: nn.Module) -> ArchSpec:
     except _Unprovable as exc:
         raise ValueError(f"{model_type}: {exc}") from None
     per_layer = [s for _, s in spec.layer_kinds] or [spec]
-    if all("attention" in s.replicate and "mlp" in s.replicate for s in per_layer):
+    if all(_shards_no_role(s) for s in per_layer):
         reasons = "; ".join(n for n in spec.notes if "replicated" in n) or "no attention or MLP found"
         raise ValueError(
             f"{model_type}: nothing in the layers can be sharded (a plan that only splits the vocabulary gives "

@@ -125,6 +125,10 @@ class ArchSpec:
     # Modules a spec names nowhere (cross-attention, state-space mixers,
     # routers, norms) are replicated too, as they always were.
     replicate: tuple[str, ...] = ()
+    # Per-layer roles a layer kind does not have at all ("attention", "mlp"):
+    # Nemotron-H blocks hold only a mixer or only an MLP. Nothing to shard and
+    # nothing replicated, so a plan does not describe them as kept whole.
+    absent: tuple[str, ...] = ()
     # Layers that differ from each other (hybrids, dense and MoE layers, layer
     # types): (kind key, spec) pairs, sorted by key. Layer i is sharded by the
     # spec whose key is ``parallelize.layer_kind(...)`` of that layer (its
@@ -140,6 +144,10 @@ class ArchSpec:
     # per Q head (an output gate of width heads x head_dim, or one value per
     # head): column-split by the rank's Q heads, like q_proj.
     q_head_projs: tuple[str, ...] = ()
+    # Output rows of ``q_proj`` per Q head when it is not head_dim: a gated
+    # attention's q_proj holds [q_h | gate_h] per head (Qwen3-Next: 2 x head_dim).
+    # 0 means head_dim.
+    q_rows_per_head: int = 0
     # The order of the ``mlp_stacked`` blocks in a stacked projection (STACKED_LAYOUTS).
     mlp_stacked_layout: str = "blocks"
     # Where an MoE layer's partial sums are all-reduced (MOE_REDUCE): "block",
@@ -173,6 +181,9 @@ class ArchSpec:
         unknown = [r for r in self.replicate if r not in REPLICABLE_ROLES]
         if unknown:
             raise ValueError(f"ArchSpec {self.family!r}: replicate has unknown roles {unknown}; known: {REPLICABLE_ROLES}")
+        stray = [r for r in self.absent if r not in ("attention", "mlp")]
+        if stray:
+            raise ValueError(f"ArchSpec {self.family!r}: absent may name only 'attention' and 'mlp', got {stray}")
         if self.moe_reduce not in MOE_REDUCE:
             raise ValueError(f"ArchSpec {self.family!r}: moe_reduce must be one of {MOE_REDUCE}, got {self.moe_reduce!r}")
         keys = [k for k, _ in self.layer_kinds]
