@@ -5,10 +5,11 @@
 For every architecture in the installed transformers'
 ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny random model from
 ``tiny_config(ConfigClass())`` and, when it builds, run ``parity_check`` at
-TP=2 and TP=3 (thread ranks). Each row says where the plan came from
-(declared spec, auto-planner, none) and, per split, pass / fail (max |diff|
-and why) / refused (why). The summary is "N built, M pass (x%)": an
-architecture passes when both splits pass.
+TP=2 and TP=3 (thread ranks). Each row says what the plan is (declared
+spec; auto-planner, full or partial, and for a partial plan what it keeps
+whole; none) and, per split, pass / fail (max |diff| and why) / refused
+(why). The summary is "N built, M pass (x%)": an architecture passes when
+both splits pass.
 
 Each architecture runs in a worker process (``--jobs``, default 2) under a
 timeout (``--timeout``, default 120 s): a hanging or crashing architecture
