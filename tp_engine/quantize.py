@@ -21,6 +21,10 @@ exactly the quantized ones, ``qw.dequantize()``):
 ========== ====== ====== ===================================================
 backend    device bits   activations
 ========== ====== ====== ===================================================
+avx2       CPU    8, 4   exact float32 (tp-engine's own kernels,
+                         :mod:`tp_engine.kernels.cpu_gemm`, compiled at first
+                         use; each weight row is read once for up to 16
+                         rows of x). Needs AVX2+FMA and a C compiler.
 int8pack   CPU    8      up to 15 rows: rounded to bfloat16, and so is the
                          result (torch's ``_weight_int8pack_mm``; its scales
                          are bfloat16, chosen so at quantization: no extra
@@ -45,7 +49,9 @@ reference  any    8, 4   exact: x @ W_q.T in float32, result in x's dtype.
 ========== ====== ====== ===================================================
 
 ``backend="auto"`` picks, for the weight's device: CUDA -> triton (reference
-without triton); CPU int8 -> int8pack (reference when in_features is not a
+without triton); CPU int8 -> avx2 when available (int4 under avx2 is
+faster than int4pack but keeps the canonical codes beside the kernel's
+record, more bytes than int8: opt-in), else int8pack (reference when in_features is not a
 multiple of 8, which torch's kernel needs); CPU int4 -> int4pack when
 group_size is 32/64/128/256, else reference. Measured on the development
 machine (AMD EPYC, AVX2 without VNNI, one thread, weights streamed from
@@ -58,7 +64,12 @@ fp32 linear    538    1069    3409
 int8pack       332     668    ~3800 (dequantize + fp32 GEMM)
 int4pack       275     691    6803
 fbgemm int8    178     224    1549
+avx2 int8       97     244    (16 rows per call)
+avx2 int4      111     287
 ============  ======  ======  ======
+
+(avx2 rows from benchmarks/cpu_gemm.py, a separate run; its float32 kernel
+takes 240 µs at M=1 and 328 at M=5 for the same matrix.)
 
 (float32 x costs the packed ops 10x more than bfloat16 x, which is why those
 backends round x to bfloat16.) int4pack is 2x slower than float32 for
@@ -127,7 +138,7 @@ __all__ = [
     "quantize_weight",
 ]
 
-BACKENDS = ("auto", "reference", "triton", "fbgemm", "int8pack", "int4pack")
+BACKENDS = ("auto", "reference", "triton", "avx2", "fbgemm", "int8pack", "int4pack")
 
 # int4 group size when none is given: 32, the most accurate size torch's CPU
 # int4 kernel takes, at 4.5 bits per weight (64: 4.25). On SmolLM2-135M
@@ -326,6 +337,58 @@ class _Fbgemm(QuantizedWeight):
         return n * k + 12 * n
 
 
+def _avx2_available() -> bool:
+    from .kernels import cpu_gemm
+
+    return cpu_gemm.available()
+
+
+class _Avx2(QuantizedWeight):
+    """The canonical codes in tp-engine's own AVX2 kernels (kernels/cpu_gemm.c): float32 x, exact.
+
+    The kernels take up to 16 rows of x per call (each weight row is read
+    once for all of them); longer inputs (prefill) go 16 rows at a time.
+    """
+
+    backend = "avx2"
+    _ROWS = 16
+
+    def __init__(self, bits: int, group_size: int | None, codes: tuple[torch.Tensor, ...]):
+        from .kernels import cpu_gemm
+
+        first = codes[0]
+        k = first.shape[1] * (2 if bits == 4 else 1)
+        super().__init__(bits, group_size, (first.shape[0], k), first.device)
+        self._codes = tuple(c.contiguous() for c in codes)
+        self._gemm = cpu_gemm
+        if bits == 8:
+            self._prepared = cpu_gemm.Int8Weight.from_canonical(*self._codes)
+            self._fn = cpu_gemm.linear_int8
+            # One copy of the codes: the canonical view is the prepared rows without their K padding.
+            self._codes = (self._prepared._data[:, :k], self._codes[1])
+        else:
+            self._prepared = cpu_gemm.Int4Weight.from_canonical(*self._codes, group_size)
+            self._fn = cpu_gemm.linear_int4
+
+    def _matmul(self, x):
+        x32 = x.float().contiguous()
+        if x32.shape[0] <= self._ROWS:
+            y = self._fn(x32, self._prepared)
+        else:
+            y = torch.cat([self._fn(x32[i : i + self._ROWS], self._prepared) for i in range(0, x32.shape[0], self._ROWS)])
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def codes(self):
+        return self._codes
+
+    @property
+    def nbytes(self) -> int:
+        if self.bits == 8:  # codes() are views of the prepared record
+            return self._prepared.nbytes
+        # int4: the kernel's record plus the canonical codes kept for codes()/dequantize()
+        return self._prepared.nbytes + sum(c.numel() * c.element_size() for c in self._codes)
+
+
 class _Int8Pack(QuantizedWeight):
     """int8 codes as they are, bfloat16 scales, torch's _weight_int8pack_mm on bfloat16 x."""
 
@@ -427,8 +490,10 @@ def _auto_backend(bits: int, group_size: int | None, shape: tuple[int, int], dev
         return "triton" if triton_available("cuda") else "reference"
     if device.type != "cpu":
         return "reference"
+    if bits == 8 and _avx2_available():  # exact float32 activations and the fastest here (see the module doc)
+        return "avx2"
     if bits == 8:
-        # Not fbgemm, though it is the fastest: its 7-bit dynamic activations
+        # Not fbgemm, though it is fast: its 7-bit dynamic activations
         # cost SmolLM2 far more than the int8 weights do (see the module doc).
         return "int8pack" if _int8pack_available() and shape[1] % 8 == 0 else "reference"
     return "int4pack" if _int4pack_available() and group_size in _INT4PACK_GROUPS else "reference"
@@ -437,6 +502,11 @@ def _auto_backend(bits: int, group_size: int | None, shape: tuple[int, int], dev
 def _check_backend(backend: str, bits: int, group_size: int | None, shape: tuple[int, int], device: torch.device) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "avx2":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'avx2' runs on CPU tensors; this weight is on {device}")
+        if not _avx2_available():
+            raise RuntimeError("backend 'avx2': no AVX2/FMA CPU or no C compiler here (kernels/cpu_gemm.c)")
     cpu_only = {"fbgemm": 8, "int8pack": 8, "int4pack": 4}
     if backend in cpu_only:
         if device.type != "cpu":
@@ -492,6 +562,9 @@ def quantize_weight(
         return _Canonical(bits, group_size, codes, use_triton=backend == "triton")
     if backend == "fbgemm":
         return _Fbgemm(*ref.quantize_int8(w))
+    if backend == "avx2":
+        codes = ref.quantize_int8(w) if bits == 8 else ref.quantize_int4(w, group_size)
+        return _Avx2(bits, group_size, codes)
 
     w32 = w.detach().float()
     if backend == "int8pack":
