@@ -126,12 +126,13 @@ def test_launch_rejects_bad_arguments():
 
 
 def test_parallelize_refuses_unknown_architecture_and_double_sharding():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import MambaConfig, MambaForCausalLM
 
     from conftest import tiny_model
 
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama"):
-        tp_engine.parallelize(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)),
+    # No spec, and no attention heads for the auto-planner to split: refused, with the reason.
+    with pytest.raises(ValueError, match="mamba"):
+        tp_engine.parallelize(MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=50, state_size=4)),
                               comm=tp_engine.comm.SingleProcessCommunicator())
     model = tp_engine.parallelize(tiny_model("llama", 4, 2), comm=tp_engine.comm.SingleProcessCommunicator())
     with pytest.raises(ValueError, match="already sharded"):
