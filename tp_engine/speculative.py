@@ -111,18 +111,6 @@ def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -
     return logits.softmax(-1)
 
 
-def _eos_set(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos_token_id is None:
-        return frozenset()
-    if isinstance(eos_token_id, torch.Tensor):
-        eos_token_id = eos_token_id.flatten().tolist()
-    if isinstance(eos_token_id, int):
-        return frozenset((eos_token_id,))
-    return frozenset(int(e) for e in eos_token_id)
-
-
 class _Round:
     """What every rank must agree on before the first collective of the loop."""
 
@@ -253,7 +241,7 @@ def speculative_generate(
     stats = SpeculativeStats(placement=placement)
     prompt = input_ids[0].to(target.device)
     S, n_max = prompt.shape[0], int(max_new_tokens)
-    eos = _eos_set(model, eos_token_id)
+    eos = target._eos_set(eos_token_id)  # None: generation_config, as generate does
     gen_accept = gen_draft = None
     if do_sample:
         shared = target._shared_seed(seed)
