@@ -33,16 +33,11 @@ fails, a pure-Python/numpy implementation of the same protocol is used
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import mmap
 import os
-import platform
 import secrets
-import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -53,6 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..native import compile_shared
 from .base import resolve_gather
 
 __all__ = ["ShmCommunicator", "ShmUnavailable", "try_shm_communicator", "load_native"]
@@ -63,7 +59,6 @@ DEFAULT_MAX_BYTES = 1 << 20  # largest payload per rank carried through shared m
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "TP_ENGINE_SHM_TIMEOUT"
 NO_NATIVE_ENV = "TP_ENGINE_SHM_NO_C"  # set to 1 to force the pure-Python path
-CACHE_ENV = "TP_ENGINE_CACHE_DIR"
 SPIN_ENV = "TP_ENGINE_SHM_SPIN_US"
 
 # Waiting: busy-wait SPIN_S (TP_ENGINE_SHM_SPIN_US overrides), then
@@ -105,40 +100,6 @@ class ShmUnavailable(RuntimeError):
 # -- the native helper ---------------------------------------------------------
 
 
-def _cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "tp_engine"
-    return Path.home() / ".cache" / "tp_engine"
-
-
-def _compile(src: Path, out_dir: Path) -> Path:
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not on PATH)")
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared"]  # never -ffast-math: sums must not reassociate
-    code = src.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([code, cc.encode(), " ".join(flags).encode(), platform.machine().encode(), sys.platform.encode()])
-    ).hexdigest()[:16]
-    so = out_dir / f"shm_allreduce-{key}.so"
-    if so.exists():
-        return so
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".shm_allreduce-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, so)  # atomic: ranks compiling at once each install a complete file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return so
-
-
 _native_lock = threading.Lock()
 _native: list = []  # [lib or None] once tried
 
@@ -157,10 +118,7 @@ def load_native() -> Any | None:
             log.info("shm: native helper disabled by %s", NO_NATIVE_ENV)
         else:
             try:
-                try:
-                    so = _compile(_C_SOURCE, _cache_dir())
-                except OSError:  # unwritable cache dir: a private temp dir instead
-                    so = _compile(_C_SOURCE, Path(tempfile.gettempdir()) / f"tp_engine-{os.getuid()}")
+                so = compile_shared(_C_SOURCE, ["-O3", "-std=c11", "-fPIC", "-shared"], timeout=120)  # never -ffast-math: sums must not reassociate
                 lib = ctypes.CDLL(str(so))
                 _declare(lib)
                 if lib.tp_shm_abi() != _ABI:

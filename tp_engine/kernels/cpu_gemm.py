@@ -48,19 +48,16 @@ carry no gradient history.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..native import compile_shared
 
 __all__ = [
     "Int4Weight",
@@ -76,7 +73,6 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # rows of x per call (the C side's MAXM)
 NO_NATIVE_ENV = "TP_ENGINE_GEMM_NO_C"  # set to 1: available() is False
-CACHE_ENV = "TP_ENGINE_CACHE_DIR"
 
 _ABI = 2
 _C_SOURCE = Path(__file__).with_name("cpu_gemm.c")
@@ -105,39 +101,6 @@ def _plan(kind: str, table: dict[int, tuple[int, int]], m: int, plan: tuple[int,
 
 
 # ------------------------------------------------------------------ the native library
-
-
-def _cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "tp_engine"
-    return Path.home() / ".cache" / "tp_engine"
-
-
-def _compile(src: Path, out_dir: Path) -> Path:
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not on PATH)")
-    code = src.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([code, cc.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(), sys.platform.encode()])
-    ).hexdigest()[:16]
-    so = out_dir / f"cpu_gemm-{key}.so"
-    if so.exists():
-        return so
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_gemm-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, so)  # atomic: processes compiling at once each install a complete file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return so
 
 
 def _cpuinfo_has_avx2_fma() -> bool | None:
@@ -188,10 +151,7 @@ def _load() -> Any | None:
                 raise RuntimeError(f"needs x86-64 with AVX2/FMA, this is {platform.machine()}")
             if _cpuinfo_has_avx2_fma() is False:
                 raise RuntimeError("this CPU lacks AVX2 or FMA")
-            try:
-                so = _compile(_C_SOURCE, _cache_dir())
-            except OSError:  # unwritable cache dir: a private temp dir instead
-                so = _compile(_C_SOURCE, Path(tempfile.gettempdir()) / f"tp_engine-{os.getuid()}")
+            so = compile_shared(_C_SOURCE, _FLAGS)
             lib = ctypes.CDLL(str(so))
             _declare(lib)
             if lib.tp_gemm_abi() != _ABI:
