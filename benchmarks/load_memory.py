@@ -118,7 +118,7 @@ def worker(mode: str, path: str) -> None:
     from transformers import AutoModelForCausalLM
 
     import tp_engine
-    from tp_engine.loading import from_pretrained
+    from tp_engine.api import from_pretrained
 
     rank = int(os.environ.get("RANK", 0))
     if mode == "tp":
@@ -185,7 +185,7 @@ def run(mode: str, world: int, path: Path, timeout: float = 900) -> list[dict]:
     reports = []
     for rank, p in enumerate(procs):
         out, err = p.communicate(timeout=timeout)
-        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         if p.returncode != 0 or not lines:
             raise RuntimeError(f"{mode} rank {rank} of {world} failed (exit {p.returncode}):\n{err[-3000:]}")
         reports.append(json.loads(lines[-1][len("RESULT "):]))

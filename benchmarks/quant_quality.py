@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tp_engine.quantize import quantize  # noqa: E402
+from tp_engine.quantize import is_quantized, quantize  # noqa: E402
 
 TEXT = HERE / "quant_text.txt"
 OUT = HERE / "out" / "quant_quality.json"
@@ -141,10 +141,11 @@ def weight_bytes(model) -> int:
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
-        w = getattr(module, "weight", None)
-        if w is not None and not isinstance(w, torch.Tensor) and id(w) not in seen:
-            seen.add(id(w))
-            total += w.nbytes
+        if is_quantized(module):  # the codes live in the layer's matmul strategy
+            qw = module.quant_method.weight
+            if id(qw) not in seen:
+                seen.add(id(qw))
+                total += qw.nbytes
     return total
 
 

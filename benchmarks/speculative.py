@@ -4,10 +4,12 @@
 
 Target: the float32 model (the GGUF dequantized by transformers; converted
 once to safetensors under benchmarks/out/smollm2-f32, git-ignored), sharded
-over 2 local ranks (one thread each, shared-memory all-reduce), fast path.
+over 2 local ranks (one thread each, shared-memory all-reduce), on the lean
+runtime (``tp_engine.generate(..., fast_path=True)`` for the plain rows).
 Drafts: int8 and int4 (group 32) copies of the target's own shards (placement
 "sharded"), for several k = num_draft_tokens; plus, for comparison, an
-unsharded int8 copy replicated on both ranks and one on rank 1 only.
+unsharded int8 copy (a ``tp_engine.runtime.Decoder(..., weight_bits=8)`` of
+the unsharded model) replicated on both ranks and one on rank 1 only.
 
 Workload: 8 fixed chat prompts, greedy, ``--new-tokens`` each (EOS ignored so
 every row makes the same number of tokens). tokens/s = all new tokens /
@@ -16,7 +18,9 @@ measured on rank 0 after a warm-up generation per row. Every row's tokens are
 compared with the plain (non-speculative) TP=2 greedy tokens.
 
 Prints a markdown table; writes benchmarks/out/speculative.json and
-benchmarks/out/speculative.png (copied to docs/speculative.png).
+benchmarks/out/speculative.png (copied to docs/speculative.png); ``--quick``
+(32 new tokens, k=3) writes them under benchmarks/out/quick/ and leaves
+docs/ alone.
 """
 from __future__ import annotations
 
@@ -89,8 +93,8 @@ def rows(ks: list[int]) -> list[tuple[str, str | None, int, str]]:
 def worker(new_tokens: int, ks: list[int]) -> dict:
     import tp_engine
     from tp_engine.comm.base import SingleProcessCommunicator
-    from tp_engine.fastpath import FastDecoder, fast_generate
     from tp_engine.loading import load_tokenizer
+    from tp_engine.runtime import Decoder
     from tp_engine.speculative import speculative_generate
 
     torch.set_num_threads(1)
@@ -110,11 +114,11 @@ def worker(new_tokens: int, ks: list[int]) -> dict:
             from transformers import AutoModelForCausalLM
 
             full = AutoModelForCausalLM.from_pretrained(str(CKPT), dtype=torch.float32).eval()
-            full_int8 = FastDecoder(full, comm=SingleProcessCommunicator(), weight_bits=8)
+            full_int8 = Decoder(full, comm=SingleProcessCommunicator(), weight_bits=8)
 
         def run(ids):
             if kind is None:
-                return fast_generate(model, ids, new_tokens, eos_token_id=[]), None
+                return tp_engine.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], fast_path=True), None
             draft, draft_rank = kind, None
             if kind == "int8-full":
                 draft = full_int8 if (placement == "replicated" or rank == 1) else None
@@ -152,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ks", default="2,3,4,6")
-    parser.add_argument("--quick", action="store_true", help="32 new tokens, k in {3}: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, k=3; writes under benchmarks/out/quick, not docs/")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     if args.quick:
@@ -160,7 +164,8 @@ def main() -> None:
     ensure_checkpoint()
     import tp_engine
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = OUT / "quick" if args.quick else OUT
+    out.mkdir(parents=True, exist_ok=True)
     per_rank = tp_engine.launch(worker, 2, args.new_tokens, ks, threads_per_rank=1)
     results = per_rank[0]["results"]
     baseline = results[0]
@@ -176,11 +181,11 @@ def main() -> None:
         print(f"| {r['name']} | {r['placement']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {acc} | {tpr} | {'yes' if same else 'NO'} |")
     for r in results:
         r.pop("tokens")
-    (OUT / "speculative.json").write_text(json.dumps({"new_tokens": args.new_tokens, "results": results}, indent=1))
-    plot(results, args.new_tokens)
+    (out / "speculative.json").write_text(json.dumps({"new_tokens": args.new_tokens, "results": results}, indent=1))
+    plot(results, args.new_tokens, out, copy_to_docs=not args.quick)
 
 
-def plot(results: list[dict], new_tokens: int) -> None:
+def plot(results: list[dict], new_tokens: int, out: Path, copy_to_docs: bool) -> None:
     try:
         import matplotlib
 
@@ -201,8 +206,10 @@ def plot(results: list[dict], new_tokens: int) -> None:
     ax.set_title(f"SmolLM2-135M TP=2 speculative decoding ({new_tokens} tokens x 8 prompts)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "speculative.png", dpi=120)
-    shutil.copy(OUT / "speculative.png", ROOT / "docs" / "speculative.png")
+    fig.savefig(out / "speculative.png", dpi=120)
+    plt.close(fig)
+    if copy_to_docs:
+        shutil.copy(out / "speculative.png", ROOT / "docs" / "speculative.png")
 
 
 if __name__ == "__main__":

@@ -42,13 +42,13 @@ SPLITS = {
 }
 
 
-def tiny_model(arch: str, num_q: int, num_kv: int, seed: int = 0, layers: int = 2):
+def tiny_model(arch: str, num_q: int, num_kv: int, seed: int = 0, layers: int = 2, hidden: int = 120):
     """A small random model; weights scaled up so logits are far from ties."""
     import transformers
 
     config_name, model_name, extra = ARCHITECTURES[arch]
     config = getattr(transformers, config_name)(
-        hidden_size=120,
+        hidden_size=hidden,
         intermediate_size=200,
         num_hidden_layers=layers,
         num_attention_heads=num_q,

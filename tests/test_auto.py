@@ -1,7 +1,7 @@
 """The auto-planner: inferred specs shard undeclared families exactly; unsafe ones are refused.
 
 References are transformers' own unsharded models; the sharded runs go
-through ``parallelize`` -> ``resolve_spec`` -> ``infer_spec`` + the parity
+through ``api.parallelize`` -> ``resolve_spec`` -> ``inferred_spec`` + the parity
 guard, on thread ranks.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import transformers
 from torch import nn
 
 from tp_engine import check as check_mod
-from tp_engine.check import hypothesis_verdict, parity_check, tiny_model
+from tp_engine.api import parallelize, resolve_spec
+from tp_engine.check import hypothesis_verdict, inferred_spec, parity_check, tiny_model
 from tp_engine.comm.threads import run_threads
 from tp_engine.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from tp_engine.models import SPECS, resolve_spec
-from tp_engine.models.auto import infer_spec
-from tp_engine.parallelize import describe_spec, parallelize
+from tp_engine.models import REGISTRY
+from tp_engine.parallelize import describe_spec
 
 # Llama-like (and not so llama-like) families without a declared spec, and
 # what the planner must find in each. Config kwargs make the heads uneven.
@@ -39,7 +39,7 @@ NEW_TOKENS = 6
 
 def _family_model(name: str) -> nn.Module:
     config_cls, extra, _, _ = FAMILIES[name]
-    if name in SPECS:
+    if name in REGISTRY:
         pytest.skip(f"{name} has a declared spec now; this test is about the auto-planner")
     config = getattr(transformers, config_cls)(**extra)
     return tiny_model(config, seed=1)
@@ -77,7 +77,7 @@ def test_inferred_spec_matches_transformers(name, world, shares):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_inferred_roles(name):
     model = _family_model(name)
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     _, _, columns, row = FAMILIES[name]
     assert spec.family == f"auto:{model.config.model_type}"
     assert spec.mlp_column == columns and spec.mlp_row == row
@@ -92,12 +92,12 @@ def test_inferred_roles(name):
 def test_resolve_spec_uses_the_guarded_inference():
     model = _family_model("olmo")
     spec = resolve_spec(model, 3, None)
-    assert spec == infer_spec(model) and spec.family == "auto:olmo"
+    assert spec == inferred_spec(model) and spec.family == "auto:olmo"
 
 
 def test_bert_style_attention_core():
     model = tiny_model(transformers.BertGenerationConfig(num_attention_heads=6), seed=0)
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert (spec.attention, spec.q_proj, spec.o_proj) == ("attention", "self.query", "output.dense")
     assert spec.mlp == "" and spec.mlp_column == ("intermediate.dense",) and spec.mlp_row == "output.dense"
     assert spec.attention_core == "self"
@@ -105,7 +105,7 @@ def test_bert_style_attention_core():
 
 # ------------------------------------------------------------ partial plans and hypotheses
 #
-# Every test below shards through parallelize -> resolve_spec -> infer_spec
+# Every test below shards through parallelize -> resolve_spec -> inferred_spec
 # and the parity guard, then compares with transformers' own unsharded model.
 
 
@@ -138,7 +138,7 @@ def _shard_and_run(reference: nn.Module, world: int, shares=None, **forward_kwar
 
 def test_cross_attention_is_replicated_and_the_rest_sharded():
     reference = _tiny("BartConfig")
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert "attention" not in spec.replicate and "mlp" not in spec.replicate
     assert spec.kept_whole == ("encoder_attn",)
     assert describe_spec(reference, spec) == "partial: kept whole: encoder_attn (2/2 layers)"
@@ -158,7 +158,7 @@ def test_cross_attention_is_replicated_and_the_rest_sharded():
 
 def test_fused_qkv_layout_chosen_by_hypothesis():
     reference = _tiny("PersimmonConfig", num_attention_heads=6, hidden_size=96)
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     # Persimmon's query_key_value is per head [q_h | k_h | v_h]: only "grouped" reproduces it.
     assert (spec.qkv_proj, spec.qkv_layout, spec.replicate) == ("query_key_value", "grouped", ())
     assert any("only fused q/k/v layout grouped passes" in n for n in spec.notes), spec.notes
@@ -168,7 +168,7 @@ def test_fused_qkv_layout_chosen_by_hypothesis():
 
 def test_a_wrong_layout_hypothesis_is_rejected():
     reference = _tiny("PersimmonConfig", num_attention_heads=6, hidden_size=96)
-    right = infer_spec(reference)
+    right = inferred_spec(reference)
     wrong = hypothesis_verdict(reference, right.replace(qkv_layout="concat"), 2)
     assert not wrong.ok and wrong.max_abs_diff > 1e-2  # wrong by orders of magnitude, not by rounding
     assert hypothesis_verdict(reference, right, 2).ok
@@ -176,7 +176,7 @@ def test_a_wrong_layout_hypothesis_is_rejected():
 
 def test_fused_gate_up_layout_chosen_by_hypothesis():
     reference = _tiny("GlmConfig", num_attention_heads=6, num_key_value_heads=2, head_dim=16, hidden_size=96)
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert (spec.mlp_column, spec.mlp_stacked, spec.mlp_stacked_layout) == (("gate_up_proj",), 2, "blocks")
     interleaved = hypothesis_verdict(reference, spec.replace(mlp_stacked_layout="interleaved"), 2)
     assert not interleaved.ok and interleaved.max_abs_diff > 1e-2
@@ -188,7 +188,7 @@ def test_no_passing_layout_replicates_that_attention():
     # inside the attention: no head split reproduces it, so the attention stays
     # whole on every rank and only the MLP is split.
     reference = _tiny("MptConfig")
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert spec.replicate == ("attention",)
     assert any("none of fused q/k/v layout concat" in n for n in spec.notes), spec.notes
     sharded = _shard_and_run(reference, 2)
@@ -198,7 +198,7 @@ def test_no_passing_layout_replicates_that_attention():
 
 def test_mixture_of_experts_inferred_and_sharded():
     reference = _tiny("Qwen3MoeConfig", num_attention_heads=6, num_key_value_heads=2, head_dim=16, hidden_size=96)
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert (spec.mlp, spec.moe_experts, spec.moe_gate_up, spec.moe_down) == ("mlp", "experts", "gate_up_proj", "down_proj")
     assert spec.replicate == ()
     sharded = _shard_and_run(reference, 3, [3, 2, 1])
@@ -210,7 +210,7 @@ def test_mixture_of_experts_inferred_and_sharded():
 def test_mixture_of_experts_with_shared_experts_and_dense_layers():
     # GLM-4-MoE: a dense first layer, then MoE layers with a shared expert.
     reference = _tiny("Glm4MoeConfig", num_attention_heads=6, num_key_value_heads=2, head_dim=16, hidden_size=96)
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     kinds = [s for _, s in spec.layer_kinds]
     assert len(kinds) == 2 and all(s.replicate == () for s in kinds)
     moe = next(s for s in kinds if s.moe_experts)
@@ -225,7 +225,7 @@ def test_experts_with_biases_add_the_down_bias_once():
     # rank's partial expert output carries the routed down bias; the plan must
     # count it once after the all-reduce (at TP=3 a double count would show).
     reference = _tiny("GptOssConfig", num_attention_heads=6, num_key_value_heads=2, head_dim=16, hidden_size=96)
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert spec.moe_experts == "experts" and spec.replicate == ()
     sharded = _shard_and_run(reference, 3)
     experts = sharded.model.layers[0].mlp.experts
@@ -235,7 +235,7 @@ def test_experts_with_biases_add_the_down_bias_once():
 def test_hybrid_layers_planned_one_by_one():
     # Jamba: Mamba layers (dense or MoE MLPs) and attention layers.
     reference = _tiny("JambaConfig")
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert len(spec.layer_kinds) == 3
     assert describe_spec(reference, spec) == "partial: attention replicated in 4/5 layers; kept whole: mamba (4/5 layers)"
     sharded = _shard_and_run(reference, 2)
@@ -253,7 +253,7 @@ def test_hybrid_layers_planned_one_by_one():
 def test_scaled_embedding_is_split_with_its_scale():
     reference = _tiny("BioGptConfig", num_attention_heads=6, hidden_size=96)
     assert reference.get_input_embeddings().embed_scale != 1.0
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert spec.replicate == ()
     sharded = _shard_and_run(reference, 2)
     emb = sharded.get_input_embeddings()
@@ -264,7 +264,7 @@ def test_scaled_embedding_is_split_with_its_scale():
 def test_per_head_parameters_follow_their_heads():
     # GPT-OSS-style attention sinks, one per Q head (Granite-SWA): split with the heads.
     reference = _tiny("GraniteSWAConfig", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
-    spec = infer_spec(reference)
+    spec = inferred_spec(reference)
     assert spec.q_head_params == ("sinks",) and spec.replicate == ()
     sharded = _shard_and_run(reference, 3, [3, 2, 1])
     assert sharded.model.layers[0].self_attn.sinks.shape[0] == 3  # rank 0's share of 6 heads
@@ -285,7 +285,7 @@ REPLICATED = {
 def test_replicates_what_it_cannot_split_and_says_why(name):
     config_cls, extra, role, why = REPLICATED[name]
     model = tiny_model(getattr(transformers, config_cls)(**extra))
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert role in spec.replicate or any(role in s.replicate for _, s in spec.layer_kinds)
     assert any(why in n for n in spec.notes), spec.notes
     assert describe_spec(model, spec).startswith("partial: ")
@@ -303,7 +303,7 @@ def test_a_linear_with_its_own_forward_is_kept_whole():
     for layer in model.model.layers:
         old = layer.self_attn.q_proj
         layer.self_attn.q_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert spec.replicate == ("attention",)
     assert any("ScaledLinear with its own forward" in n for n in spec.notes), spec.notes
 
@@ -312,7 +312,7 @@ def test_an_unknown_projection_inside_attention_keeps_it_whole():
     model = _family_model("olmo")
     for layer in model.model.layers:
         layer.self_attn.gate = nn.Linear(model.config.hidden_size, 7)  # neither per head nor per Q row
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert spec.replicate == ("attention",)
     assert any("extra projection" in n for n in spec.notes), spec.notes
 
@@ -320,7 +320,7 @@ def test_an_unknown_projection_inside_attention_keeps_it_whole():
 def test_heads_that_do_not_match_projection_shapes_keep_attention_whole():
     model = _family_model("olmo")
     model.config.num_key_value_heads = 3  # the k/v projections hold 6 heads
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert spec.replicate == ("attention",)
     assert any("disagree with 6 Q / 3 KV heads" in n for n in spec.notes), spec.notes
 
@@ -334,7 +334,7 @@ def test_a_disagreement_with_transformers_tp_plan_must_be_proven(monkeypatch):
     real = check_mod._parity
     monkeypatch.setattr(check_mod, "_hypotheses", {})
     monkeypatch.setattr(check_mod, "_parity", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert calls == [2]  # not taken on trust: checked on a tiny copy first
     assert any("base_model_tp_plan marks layers.*.self_attn.o_proj as 'colwise'" in n for n in spec.notes), spec.notes
     assert spec.replicate == ()  # o_proj really is row-parallel: the check proved the planner right
@@ -348,7 +348,7 @@ def test_a_layer_structure_the_tiny_copy_lacks_is_refused_by_the_guard():
     mlp = model.model.layers[1].mlp
     mlp.w2 = mlp.down_proj  # same role, another name: a second layer kind
     del mlp.down_proj
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     assert len(spec.layer_kinds) == 2
 
     def fn(comm):
@@ -371,7 +371,7 @@ def test_refuses_with_the_reason(name):
     config_cls, extra, reason = REFUSALS[name]
     model = tiny_model(getattr(transformers, config_cls)(**extra))
     with pytest.raises(ValueError, match=reason) as info:
-        infer_spec(model)
+        inferred_spec(model)
     assert str(info.value).startswith(f"{model.config.model_type}: ")
 
 

@@ -8,10 +8,9 @@ import torch
 import transformers
 
 from tp_engine import check as check_mod
-from tp_engine.check import ParityReport, check_model, guard_auto_spec, parity_check, tiny_config, tiny_model
+from tp_engine.check import ParityReport, check_model, guard_auto_spec, inferred_spec, parity_check, tiny_config, tiny_model
 from tp_engine.cli import main
-from tp_engine.models import SPECS
-from tp_engine.models.auto import infer_spec
+from tp_engine.models import REGISTRY
 from tp_engine.models.spec import ArchSpec
 
 # Persimmon fuses q/k/v per head ([q_h | k_h | v_h], the "grouped" layout). A
@@ -89,7 +88,7 @@ def test_parity_check_declared_and_auto(world, shares):
     llama = parity_check(_llama(6, 3), world, shares)
     assert isinstance(llama, ParityReport)
     assert llama.ok and llama.greedy_match and llama.max_abs_diff < 1e-4 and llama.reason == ""
-    assert llama.plan_source == ("spec" if "llama" in SPECS else "auto")
+    assert llama.plan_source == ("spec" if "llama" in REGISTRY else "auto")
     olmo = parity_check(transformers.OlmoConfig(hidden_size=384, num_attention_heads=6), world, shares)
     assert olmo.ok and olmo.plan_source == "auto", olmo.reason
     assert (olmo.world_size, olmo.shares) == (world, tuple(shares) if shares else None)
@@ -147,7 +146,7 @@ def test_guard_raises_on_a_failed_check_and_caches(monkeypatch):
     model = tiny_model(transformers.PersimmonConfig())
     # The guard checks that the tiny copy infers the very spec given: a hand
     # spec is not an inference, so pretend it is one for this model.
-    monkeypatch.setattr("tp_engine.models.auto.infer_spec", lambda m: PERSIMMON_WRONG)
+    monkeypatch.setattr(check_mod, "inferred_spec", lambda m: PERSIMMON_WRONG)
     with pytest.raises(ValueError, match=r"auto plan for persimmon failed its parity check: max \|diff\| \d"):
         guard_auto_spec(model, PERSIMMON_WRONG, 2)
     with pytest.raises(ValueError, match="failed its parity check"):
@@ -161,7 +160,7 @@ def test_guard_passes_a_good_inferred_spec_once_per_split(monkeypatch):
     monkeypatch.setattr(check_mod, "_verdicts", {})
     monkeypatch.setattr(check_mod, "_parity", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     model = tiny_model(transformers.OlmoConfig(hidden_size=384, num_attention_heads=6))
-    spec = infer_spec(model)
+    spec = inferred_spec(model)
     guard_auto_spec(model, spec, 2)
     guard_auto_spec(model, spec, 2)
     guard_auto_spec(model, spec, 3)
@@ -171,7 +170,7 @@ def test_guard_passes_a_good_inferred_spec_once_per_split(monkeypatch):
 def test_guard_rejects_a_spec_the_tiny_copy_would_not_infer(monkeypatch):
     monkeypatch.setattr(check_mod, "_verdicts", {})
     model = tiny_model(transformers.OlmoConfig(hidden_size=384, num_attention_heads=6))
-    spec = infer_spec(model).replace(family="auto:something-else")
+    spec = inferred_spec(model).replace(family="auto:something-else")
     with pytest.raises(ValueError, match="the tiny copy infers"):
         guard_auto_spec(model, spec, 2)
 

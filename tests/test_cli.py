@@ -37,8 +37,8 @@ def test_bad_input_is_one_clear_line(args, message):
         pytest.skip("needs the default model")
     proc = _cli(*args)
     assert proc.returncode != 0
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert any(message in l for l in lines), proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert any(message in line for line in lines), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 

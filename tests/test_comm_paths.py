@@ -101,18 +101,23 @@ def _worker(mode: str, outdir: Path) -> None:
         tokens = tp_engine.generate(model, torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False)
         torch.save((rt.comm.name, tokens), outdir / f"rank{rt.rank}.pt")
         return
-    # mode "die": rank 1 kills itself in the middle of decoding.
-    steps = {"n": 0}
+    # mode "die": rank 1 kills itself in the middle of decoding (a streamer sees every token).
+    class KillAtThirdToken:
+        def __init__(self):
+            self.n = 0
 
-    def hook(module, args):
-        steps["n"] += 1
-        if steps["n"] == 3:
-            (outdir / f"started{rt.rank}").touch()
-            if rt.rank == 1:
-                os.kill(os.getpid(), 9)
+        def put(self, value):
+            self.n += 1
+            if self.n == 3:
+                (outdir / f"started{rt.rank}").touch()
+                if rt.rank == 1:
+                    os.kill(os.getpid(), 9)
 
-    model.register_forward_pre_hook(hook)
-    tp_engine.generate(model, torch.tensor(PROMPT), max_new_tokens=1000, min_new_tokens=1000, do_sample=False)
+        def end(self):
+            pass
+
+    tp_engine.generate(model, torch.tensor(PROMPT), max_new_tokens=1000, min_new_tokens=1000, do_sample=False,
+                       streamer=KillAtThirdToken())
     raise SystemExit("unreachable: a peer died, generation must not finish")
 
 

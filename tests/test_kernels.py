@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
     # Must precede the first import of triton (triton.jit reads it at decoration).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tp_engine.kernels import reference as ref  # noqa: E402
-from tp_engine.kernels import triton_available  # noqa: E402
+from tp_engine.kernels import reference as ref
+from tp_engine.kernels import triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(

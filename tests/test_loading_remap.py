@@ -25,7 +25,7 @@ import torch
 
 import tp_engine
 from conftest import run_ranks
-from tp_engine import loading
+from tp_engine import api, loading
 from tp_engine.comm.base import SingleProcessCommunicator
 
 NEW_TOKENS = 16
@@ -151,7 +151,7 @@ def _rank_cases(jobs: dict[str, tuple[str, list | None]]) -> dict[str, dict]:
                 logits = model(PROMPT).logits
             generated = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
             results[key] = {"logits": logits, "generated": generated, "read": read}
-        except Exception:  # noqa: BLE001 - reported per case by the test
+        except Exception:  # reported per case by the test
             results[key] = {"error": traceback.format_exc()}
         finally:
             loading.SafetensorsCheckpoint.read = original
@@ -231,7 +231,7 @@ def test_fused_checkpoint_still_loads(tmp_path):
     model.config.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
     assert "model.layers.0.mlp.experts.gate_up_proj" in _keys(tmp_path)
-    loaded = loading.from_pretrained(tmp_path, comm=SINGLE)
+    loaded = api.from_pretrained(tmp_path, comm=SINGLE)
     assert (_logits(loaded) - _logits(model)).abs().max().item() < TOL
 
 
@@ -249,7 +249,7 @@ def test_both_prefix_forms_equal_is_fine(folders, tmp_path):
     target = tmp_path / "gpt2"
     shutil.copytree(folders["gpt2"], target)
     _rewrite(target, lambda t: t.update({"transformer.wte.weight": t["wte.weight"].clone()}))
-    loaded = loading.from_pretrained(target, comm=SINGLE)
+    loaded = api.from_pretrained(target, comm=SINGLE)
     assert (_logits(loaded) - _logits(_build("gpt2"))).abs().max().item() < TOL
 
 
@@ -258,7 +258,7 @@ def test_both_prefix_forms_differing_is_an_error(folders, tmp_path):
     shutil.copytree(folders["gpt2"], target)
     _rewrite(target, lambda t: t.update({"transformer.wte.weight": t["wte.weight"] + 1}))
     with pytest.raises(ValueError, match=r"'transformer\.wte\.weight' and 'wte\.weight' both map to 'transformer\.wte\.weight' but differ"):
-        loading.from_pretrained(target, comm=SINGLE)
+        api.from_pretrained(target, comm=SINGLE)
 
 
 def test_extra_expert_is_an_error(folders, tmp_path):
@@ -271,7 +271,7 @@ def test_extra_expert_is_an_error(folders, tmp_path):
     router = "model.layers.0.mlp.gate.weight"  # consistent with 3 experts, so only the experts disagree
     _rewrite(target, lambda t: t.update({router: t[router][:3].clone()}))
     with pytest.raises(ValueError, match=r"checkpoint has 'model\.layers\.0\.mlp\.experts\.3\.gate_proj\.weight', more experts than the config's 3"):
-        loading.from_pretrained(target, comm=SINGLE)
+        api.from_pretrained(target, comm=SINGLE)
 
 
 # ------------------------------------------------------------ a missing expert, on every rank

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tp_engine.plan import ModelDims, plan_model, split_by_shares, normalize_shares
+from tp_engine.plan import ModelDims, normalize_shares, plan_model, split_by_shares
 
 SMOLLM2 = ModelDims(num_q_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536, vocab_size=49152)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import tp_engine
+from conftest import run_ranks
 from tp_engine import distributed
 from tp_engine.comm import torch_dist
 from tp_engine.comm.torch_dist import Staged, needs_staging
-from conftest import run_ranks
 
 
 def test_single_process_fallback_is_idempotent(monkeypatch):

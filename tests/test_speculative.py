@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import tp_engine
-from tp_engine.speculative import speculative_generate
-
 from conftest import run_ranks, tiny_model
+from tp_engine.speculative import speculative_generate
 
 PROMPT = torch.tensor([[5, 17, 42, 7, 99, 3]])
 NEW = 16
@@ -197,3 +196,36 @@ def test_ranks_that_disagree_fail_together(target, stranger):
     for first, second in run_ranks(_disagreeing_ranks, 2, target, stranger):
         assert first is not None and "num_draft_tokens" in first
         assert second is not None and "no draft" in second
+
+
+def _every_family_run(families):
+    from test_runtime_parity import build
+
+    rt = tp_engine.init()
+    out = {}
+    for family in families:
+        model = build(family)
+        if rt.world_size > 1:
+            model = tp_engine.parallelize(model)
+        tokens, stats = speculative_generate(model, PROMPT, NEW, "int8", num_draft_tokens=3, eos_token_id=[])
+        out[family] = (tokens, stats.acceptance_rate)
+    return out
+
+
+SPECULATIVE_FAMILIES = ["gpt2", "gpt_neox", "phi3", "falcon", "gptj", "bloom", "opt", "mixtral", "qwen2_moe", "gemma2"]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_int8_self_draft_on_every_family(world):
+    """Speculative decoding runs on the runtime for every family: a sharded int8 self-copy drafts,
+    and the output is transformers' greedy output of the unsharded model."""
+    from test_runtime_parity import build
+
+    results = [_every_family_run(SPECULATIVE_FAMILIES)] if world == 1 else run_ranks(
+        _every_family_run, world, SPECULATIVE_FAMILIES)
+    for family in SPECULATIVE_FAMILIES:
+        reference = build(family).generate(PROMPT, max_new_tokens=NEW, do_sample=False)
+        for rank, result in enumerate(results):
+            tokens, acceptance = result[family]
+            assert torch.equal(tokens, reference), f"{family} rank {rank}"
+            assert acceptance > 0.3, f"{family}: an int8 copy should mostly agree with its original ({acceptance})"

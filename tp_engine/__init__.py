@@ -1,8 +1,9 @@
 """tp-engine: tensor-parallel inference (and fine-tuning) of Hugging Face models."""
+from .api import from_pretrained, parallelize, resolve_spec
 from .distributed import Runtime, current, init, launch, shutdown
 from .generation import generate
-from .loading import default_model_path, from_pretrained
-from .parallelize import parallelize, synchronize_rng
+from .loading import default_model_path
+from .parallelize import synchronize_rng
 from .plan import ModelDims, ModelPlan, RankPlan, plan_model
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "launch",
     "parallelize",
     "plan_model",
+    "resolve_spec",
     "shutdown",
     "synchronize_rng",
 ]

@@ -6,22 +6,25 @@ itself is the reference), then shards deep copies of it over ``world_size``
 thread ranks (``comm/threads.py``: no processes, so a check takes well under
 a second) and compares logits and greedy tokens.
 
-``guard_auto_spec`` is what makes inferred plans safe: ``models.resolve_spec``
+``guard_auto_spec`` is what makes inferred plans safe: ``api.resolve_spec``
 calls it for every architecture without a declared spec, and an inferred
 plan is used only after it passed this check at the requested split. Every
 rank of a real run checks locally (same seed, same tiny model, same verdict),
 so the guard needs no collective; the verdict is cached per process.
 
 ``hypothesis_verdict`` is the same check for the auto-planner's candidate
-plans (which fused layout, whether a part can be split at all), at TP=2.
+plans (which fused layout, whether a part can be split at all), at TP=2;
+``inferred_spec`` runs the auto-planner with it as the proof.
 Each tiny model and its unsharded reference are built once per process and
 structure (``_bench``), and every verdict is kept by the exact tiny model,
 spec and split it was computed for, so a check the planner already ran is
 not run again by the guard or by ``parity_check``.
+
+Every check shards with an explicit spec (``parallelize.shard_model``), so
+nothing here resolves a spec while a check runs.
 """
 from __future__ import annotations
 
-import contextvars
 import copy
 import dataclasses
 import json
@@ -31,13 +34,23 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 
+from .comm.base import resolve_gather
 from .comm.threads import run_threads
+from .models.auto import HYPOTHESIS_WORLD, Unprovable, infer_spec
+from .models.registry import declared_spec
 from .models.spec import ArchSpec
+from .parallelize import describe_spec, shard_model
+from .plan import ModelDims, ModelPlan, plan_model
 
 __all__ = [
-    "ParityReport", "guard_auto_spec", "hypothesis_verdict", "parity_check", "reference_problem", "tiny_config", "tiny_model",
+    "ParityReport", "check_model", "guard_auto_spec", "hypothesis_passes", "hypothesis_verdict", "inferred_spec",
+    "parity_check", "reference_problem", "tiny_config", "tiny_model",
 ]
 
 # ------------------------------------------------------------ tiny configs
@@ -327,9 +340,6 @@ def tiny_config(config: Any) -> Any:
 
 def causal_lm_class(config: Any) -> type:
     """The class ``AutoModelForCausalLM`` builds for ``config``."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
     if name is None:
         raise ValueError(f"transformers has no causal-LM class for model type {getattr(config, 'model_type', None)!r}")
@@ -347,8 +357,6 @@ def _randomize(model: nn.Module, seed: int) -> None:
     and non-zero biases do neither. Only Linear/Conv1D/Embedding are touched: other
     parameters (norms, SSM constants) keep transformers' init.
     """
-    from transformers.pytorch_utils import Conv1D
-
     gen = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     for module in model.modules():
@@ -373,8 +381,6 @@ def _randomize(model: nn.Module, seed: int) -> None:
 
 def tiny_model(config: Any, model_class: type | None = None, seed: int = 0) -> nn.Module:
     """A float32 random model of ``tiny_config(config)``, in eval mode; the global RNG is left as it was."""
-    from transformers import AutoModelForCausalLM
-
     tiny = tiny_config(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -412,11 +418,6 @@ class ParityReport:
         return f"{self.plan_source} ({self.partial})" if self.partial else self.plan_source
 
 
-# Set while a check shards its tiny copy: the spec being checked. The inner
-# resolve_spec -> guard_auto_spec then only confirms it sees the same spec
-# instead of starting another check (run_threads copies the context).
-_CHECKING: contextvars.ContextVar[ArchSpec | None] = contextvars.ContextVar("tp_engine_checking", default=None)
-
 PROMPT_LEN = 11
 
 
@@ -445,45 +446,24 @@ def _forward_and_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens:
             do_sample=False, pad_token_id=0,
         )
         return logits, tokens, ""
-    except Exception as exc:  # noqa: BLE001 - reported, the logits still count
+    except Exception as exc:  # reported, the logits still count
         return logits, None, f"{type(exc).__name__}: {exc}"
 
 
-def _rank_main(comm, model: nn.Module, input_ids: torch.Tensor, shares, new_tokens: int, explicit_spec: ArchSpec | None):
-    from .parallelize import parallelize
-
-    if explicit_spec is not None:
-        model = parallelize(model, shares, comm=comm, spec=explicit_spec)
-    else:
-        model = parallelize(model, shares, comm=comm)
+def _rank_main(comm, model: nn.Module, input_ids: torch.Tensor, shares, new_tokens: int, spec: ArchSpec):
+    model = shard_model(model, spec, comm, shares)
     return _forward_and_generate(model, input_ids, new_tokens)
 
 
-def _parallelize_takes_spec() -> bool:
-    import inspect
-
-    from .parallelize import parallelize
-
-    return "spec" in inspect.signature(parallelize).parameters
-
-
 def _plan_source(model: nn.Module, spec: ArchSpec | None) -> tuple[str, ArchSpec | None, str]:
-    """("spec"|"auto"|"none", the spec parallelize will use, why none)."""
-    from .models import SPECS
-
-    declared = SPECS.get(getattr(model.config, "model_type", None))
-    if declared is not None:
-        if spec is not None and spec != declared and not _parallelize_takes_spec():
-            raise ValueError(
-                f"{model.config.model_type} has a declared spec; parallelize would use it, not the one given"
-            )
-        return ("spec", spec or declared, "") if spec is None or spec == declared else ("auto", spec, "")
+    """("spec"|"auto"|"none", the spec to shard by, why none)."""
+    declared = declared_spec(model.config)
+    if declared is not None and (spec is None or spec == declared):
+        return "spec", declared, ""
     if spec is not None:
         return "auto", spec, ""
-    from .models.auto import infer_spec
-
     try:
-        return "auto", infer_spec(model), ""
+        return "auto", inferred_spec(model), ""
     except ValueError as exc:
         return "none", None, f"auto-planner refused: {exc}"
 
@@ -505,7 +485,7 @@ def _bench(config: Any, model_class: type | None, seed: int, new_tokens: int) ->
     try:
         tiny_cfg = tiny_config(config)
         key = (model_class, type(config), json.dumps(tiny_cfg.to_dict(), sort_keys=True, default=repr), seed, new_tokens)
-    except Exception as exc:  # noqa: BLE001 - no tiny copy, no verdict: say so
+    except Exception as exc:  # no tiny copy, no verdict: say so
         raise _NoBench(f"the tiny copy does not build: {type(exc).__name__}: {exc}") from None
     with _benches_lock:
         hit = _benches.get(key)
@@ -513,12 +493,12 @@ def _bench(config: Any, model_class: type | None, seed: int, new_tokens: int) ->
         return hit
     try:
         tiny = tiny_model(config, model_class, seed=seed)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _NoBench(f"the tiny copy does not build: {type(exc).__name__}: {exc}") from None
     input_ids = _prompt(tiny.config, seed)
     try:
         reference: Any = _forward_and_generate(tiny, input_ids, new_tokens)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         reference = f"the unsharded tiny model fails: {type(exc).__name__}: {exc}"
     with _benches_lock:
         while len(_benches) >= _BENCHES_KEPT:
@@ -557,8 +537,6 @@ def _parity(
     model_or_config: Any, world_size: int, shares: Sequence[float] | None, spec: ArchSpec | None,
     new_tokens: int, atol: float, seed: int, timeout: float, same_inference: bool,
 ) -> ParityReport:
-    from .plan import ModelDims, plan_model
-
     is_model = isinstance(model_or_config, nn.Module)
     config = model_or_config.config if is_model else model_or_config
     model_type = str(getattr(config, "model_type", "?"))
@@ -574,22 +552,18 @@ def _parity(
         return report(False, math.nan, False, "none", str(exc))
     try:
         dims = ModelDims.from_config(tiny.config)
-    except Exception as exc:  # noqa: BLE001 - an architecture the planner cannot describe
+    except Exception as exc:  # an architecture the planner cannot describe
         return report(False, math.nan, False, "none", f"the planner cannot read this config: {type(exc).__name__}: {exc}")
     plan_model(dims, world_size, shares)  # a bad request (split, shares): ValueError now
     source, use_spec, why = _plan_source(tiny, spec)
     if use_spec is None:
         return report(False, math.nan, False, source, why)
-    from .parallelize import describe_spec
-
     partial = describe_spec(tiny, use_spec.for_config(tiny.config))
     if same_inference:
         # The guard checks the spec inferred from the real model on the tiny
         # copy; that only proves something if the copy has the same structure.
-        from .models.auto import infer_spec
-
         try:
-            mine = infer_spec(tiny)
+            mine = inferred_spec(tiny)
         except ValueError as exc:
             mine = f"a refusal ({exc})"
         if mine != use_spec:
@@ -622,20 +596,14 @@ def _run_parity(
     ref_logits, ref_tokens, ref_gen_error = reference
 
     copies = [copy.deepcopy(tiny) for _ in range(world_size)]
-    # Hand parallelize the spec under test where it takes one; otherwise its
-    # resolve_spec finds it again, and the context flag stops a nested guard.
-    explicit = use_spec if _parallelize_takes_spec() else None
-    token = _CHECKING.set(use_spec)
     try:
         results = run_threads(
-            lambda comm: _rank_main(comm, copies[comm.rank], input_ids, shares, new_tokens, explicit),
+            lambda comm: _rank_main(comm, copies[comm.rank], input_ids, shares, new_tokens, use_spec),
             world_size, timeout=timeout, barrier_timeout=timeout,
         )
-    except Exception as exc:  # noqa: BLE001 - the reason is the report
+    except Exception as exc:  # the reason is the report
         msg = str(exc).splitlines()[0] if str(exc) else ""
         return report(False, math.nan, False, source, f"sharded run failed: {type(exc).__name__}: {msg}")
-    finally:
-        _CHECKING.reset(token)
 
     diff, match, problems = 0.0, True, []
     for rank, (logits, tokens, gen_error) in enumerate(results):
@@ -687,15 +655,6 @@ def guard_auto_spec(model: nn.Module, spec: ArchSpec, world_size: int, shares: S
     (class, structural config, spec, world size, shares) for the process;
     concurrent callers (thread ranks) wait for one check instead of repeating it.
     """
-    checking = _CHECKING.get()
-    if checking is not None:
-        # Inside a check: the tiny copy must get the very spec being checked.
-        if spec != checking:
-            raise ValueError(
-                f"auto plan for {model.config.model_type}: the tiny copy infers {spec}, "
-                f"the model {checking}; the check would not test the plan in use"
-            )
-        return
     key = _structure_key(model, spec, world_size, shares)
     with _verdicts_lock:
         verdict = _verdicts.get(key)
@@ -763,6 +722,25 @@ def reference_problem(report: ParityReport) -> str | None:
     return None
 
 
+def hypothesis_passes(model: nn.Module, spec: ArchSpec) -> bool:
+    """The auto-planner's proof (``models.auto.Prover``): does ``spec`` pass on a tiny copy
+    at ``HYPOTHESIS_WORLD`` ranks? Raises ``Unprovable`` when the tiny copy cannot judge any plan."""
+    report = hypothesis_verdict(model, spec, HYPOTHESIS_WORLD)
+    problem = reference_problem(report)
+    if problem is not None:
+        raise Unprovable(f"no plan can be proven on a tiny copy: {problem}")
+    return report.ok
+
+
+def inferred_spec(model: nn.Module) -> ArchSpec:
+    """The auto-planner's spec for ``model``, its hypotheses proven on tiny copies.
+
+    Not yet checked at any particular split: ``guard_auto_spec`` does that.
+    Raises ValueError saying why when the model cannot be planned safely.
+    """
+    return infer_spec(model, hypothesis_passes)
+
+
 # ------------------------------------------------------------ a whole-model dry run
 
 
@@ -782,8 +760,6 @@ class _DryRunComm:
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None) -> torch.Tensor:
-        from .comm.base import resolve_gather
-
         dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         if len(set(sizes)) != 1:
             raise ValueError("dry run: uneven all_gather has no meaning without peers")
@@ -826,8 +802,6 @@ class ModelCheck:
 def _described_plan(plan: Any, note: str) -> Any:
     """``plan`` whose ``describe()`` names what the plan keeps whole on its first line
     (what ``tp-engine check`` prints), so a partial plan is never shown as a full one."""
-    from .plan import ModelPlan
-
     if not note:
         return plan
 
@@ -856,12 +830,6 @@ def check_model(config: Any, world_size: int, shares: Sequence[float] | None = N
     requests (world size, shares) raise ValueError; everything else is in
     the result.
     """
-    from transformers import AutoModelForCausalLM
-
-    from .models import SPECS
-    from .parallelize import parallelize
-    from .plan import ModelDims, plan_model
-
     dtype = _config_dtype(config)
     model_type = str(getattr(config, "model_type", "?"))
     with torch.device("meta"):
@@ -869,33 +837,24 @@ def check_model(config: Any, world_size: int, shares: Sequence[float] | None = N
     result = ModelCheck(model_type, type(meta).__name__, "none", None, None, dtype, [], None, False, "")
     try:
         dims = ModelDims.from_config(config)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         result.reason = f"the planner cannot read this config: {type(exc).__name__}: {exc}"
         return result
     result.plan = plan_model(dims, world_size, shares)  # bad split or shares: ValueError to the caller
 
-    declared = SPECS.get(model_type)
+    declared = declared_spec(config)
     if declared is not None:
         result.plan_source, result.spec = "spec", declared
     else:
-        from .models.auto import infer_spec
-
         try:
-            result.plan_source, result.spec = "auto", infer_spec(meta)
+            result.plan_source, result.spec = "auto", inferred_spec(meta)
         except ValueError as exc:
             result.reason = f"auto-planner refused: {exc}"
             return result
 
-    explicit = _parallelize_takes_spec()
-    token = _CHECKING.set(result.spec)  # the dry run is not the place to run the guard
     try:
         for rank in range(world_size):
-            copy_ = copy.deepcopy(meta)
-            comm = _DryRunComm(rank, world_size)
-            if explicit:
-                copy_ = parallelize(copy_, shares, comm=comm, spec=result.spec)
-            else:
-                copy_ = parallelize(copy_, shares, comm=comm)
+            copy_ = shard_model(copy.deepcopy(meta), result.spec, _DryRunComm(rank, world_size), shares)
             seen: set[int] = set()
             total = 0
             for p in copy_.parameters():
@@ -904,18 +863,14 @@ def check_model(config: Any, world_size: int, shares: Sequence[float] | None = N
                     total += p.numel() * p.element_size()
             result.rank_bytes.append(total)
             del copy_
-    except Exception as exc:  # noqa: BLE001 - a spec that does not fit the model is a failed check
+    except Exception as exc:  # a spec that does not fit the model is a failed check
         result.reason = f"sharding the model failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return result
-    finally:
-        _CHECKING.reset(token)
 
     result.parity = _parity(
         meta, world_size, shares, result.spec, 4, 1e-4, 0, 120.0, same_inference=result.plan_source == "auto"
     )
     if result.plan_source == "auto":
-        from .parallelize import describe_spec
-
         result.partial = describe_spec(meta, result.spec.for_config(config))
         result.plan = _described_plan(result.plan, result.partial)
     result.ok = result.parity.ok

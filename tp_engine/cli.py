@@ -111,15 +111,15 @@ def _already_launched() -> bool:
 
 def _check_plan_before_spawn(args: argparse.Namespace) -> None:
     """Refuse an impossible split before starting any rank."""
-    from .loading import _skeleton, load_config
-    from .models import resolve_spec
+    from .api import resolve_spec
+    from .loading import load_config, skeleton
     from .plan import ModelDims, plan_model
 
     config = load_config(args.model)
     shares = parse_shares(args.shares)
     plan_model(ModelDims.from_config(config), args.nproc, shares)
     # Declared spec, or an inferred one that passes its parity guard (no weights read).
-    resolve_spec(_skeleton(config, torch.float32), args.nproc, shares)
+    resolve_spec(skeleton(config, torch.float32), args.nproc, shares)
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -137,7 +137,8 @@ def _prompt_ids(tokenizer, messages_or_text, raw: bool) -> torch.Tensor:
 
 
 def _load(args: argparse.Namespace, rt):
-    from .loading import from_pretrained, load_tokenizer
+    from .api import from_pretrained
+    from .loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     model = from_pretrained(args.model, dtype=DTYPES[args.dtype], shares=parse_shares(args.shares), device=rt.device)
@@ -151,8 +152,8 @@ def _draft_kwargs(args: argparse.Namespace, rt) -> dict:
     kwargs = dict(num_draft_tokens=args.num_draft_tokens)
     if args.draft.lower() in ("int8", "int4"):
         return dict(kwargs, draft=args.draft.lower())
+    from .api import from_pretrained
     from .comm.base import SingleProcessCommunicator
-    from .loading import from_pretrained
 
     if args.draft_rank is not None and not 0 <= args.draft_rank < rt.world_size:
         raise UsageError(f"--draft-rank {args.draft_rank} is not one of the {rt.world_size} rank(s)")
@@ -244,7 +245,7 @@ class _TokenClock:
 
 
 def cmd_bench(args, rt, model, tokenizer) -> None:
-    from .generation import fast_path_arguments, generate
+    from .generation import generate, runtime_arguments
 
     g = torch.Generator().manual_seed(args.seed)
     vocab = min(len(tokenizer), model.config.vocab_size)
@@ -252,12 +253,13 @@ def cmd_bench(args, rt, model, tokenizer) -> None:
     n = args.max_new_tokens
     kwargs = dict(max_new_tokens=n, do_sample=False, eos_token_id=[])  # never stop early: exactly n tokens
     draft = _draft_kwargs(args, rt)
-    fast, reason = fast_path_arguments(model, input_ids, kwargs)
-    if fast is None:  # HF generate: its own way of forcing n tokens
-        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        path = f"HF generate ({reason})"
+    call, reason = runtime_arguments(model, input_ids, kwargs)
+    if call is None:  # HF generate: its own way of forcing n tokens
+        kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                      fast_path=False)
+        path = f"transformers generate (the runtime does not apply: {reason})"
     else:
-        path = "fast path" + (f", speculative: {args.draft} draft, k={args.num_draft_tokens}" if draft else "")
+        path = "lean runtime" + (f", speculative: {args.draft} draft, k={args.num_draft_tokens}" if draft else "")
     generate(model, input_ids, **{**kwargs, "max_new_tokens": 4}, **draft)  # warm-up (builds a draft)
     ttft, decode = [], []
     for _ in range(args.repeats):
@@ -270,8 +272,8 @@ def cmd_bench(args, rt, model, tokenizer) -> None:
     if rt.rank == 0:
         tps = statistics.median(decode)
         print(f"tp-engine: {path}", file=sys.stderr)
-        print(f"| ranks | prompt | new tokens | TTFT ms | decode tok/s | ms/token |")
-        print(f"| --- | --- | --- | --- | --- | --- |")
+        print("| ranks | prompt | new tokens | TTFT ms | decode tok/s | ms/token |")
+        print("| --- | --- | --- | --- | --- | --- |")
         print(f"| {rt.world_size} | {args.prompt_tokens} | {n} | {1000 * statistics.median(ttft):.1f} | {tps:.2f} | {1000 / tps:.2f} |")
 
 
@@ -325,10 +327,28 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"parity at TP={args.tp} (tiny random float32 copy vs. transformers): {verdict}, "
             f"max |logit diff| {p.max_abs_diff:.2g}, greedy tokens {'identical' if p.greedy_match else 'differ'}"
         )
+    print(f"decode path: {_decode_path(config)}")
     if not result.ok:
         print(f"tp-engine: check failed: {result.reason}".splitlines()[0], file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _decode_path(config) -> str:
+    """Which runtime ``generate`` will use for this architecture, and why (a weightless skeleton, no reads)."""
+    from transformers import AutoModelForCausalLM
+
+    from .runtime.decoder import runtime_verdict
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        return f"transformers generate (no causal-LM class to build: {e})".splitlines()[0]
+    reason = runtime_verdict(skeleton)
+    if reason is None:
+        return "lean runtime (batched, continuous batching, speculative decoding)"
+    return f"transformers generate (the lean runtime does not apply: {reason})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,9 +24,18 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Iterable, Sequence
+
+import torch
+import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
+
+from .check import parity_check, tiny_model
 
 WORLDS = (2, 3)
 DEFAULT_TIMEOUT_S = 120.0
@@ -75,8 +84,6 @@ class Row:
 
 def architectures() -> list[str]:
     """Every causal-LM model type of the installed transformers, sorted."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
@@ -93,19 +100,12 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
     """Build the tiny model of ``model_type`` and parity-check it at each world size."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    import torch
-
-    from .check import parity_check, tiny_model
-
     start = time.perf_counter()
     row = Row(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""))
     try:
         config = CONFIG_MAPPING[model_type]()
         model = tiny_model(config)
-    except Exception as exc:  # noqa: BLE001 - any build failure is a row, with its reason
+    except Exception as exc:  # any build failure is a row, with its reason
         row.build_error = _one_line(f"does not build: {type(exc).__name__}: {exc}")
         row.seconds = time.perf_counter() - start
         return row
@@ -113,7 +113,7 @@ def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
         # Without an unsharded forward there is no reference to compare with.
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3, 4]]))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         row.build_error = _one_line(f"builds but transformers' own forward fails: {type(exc).__name__}: {exc}")
         row.seconds = time.perf_counter() - start
         return row
@@ -124,7 +124,7 @@ def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
         except ValueError as exc:  # an impossible split for this architecture
             row.results[world] = Outcome("refused", math.nan, _one_line(str(exc)))
             continue
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             row.results[world] = Outcome("fail", math.nan, _one_line(f"{type(exc).__name__}: {exc}"))
             continue
         row.plan_source = report.plan_source
@@ -144,13 +144,8 @@ def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
 
 
 def _worker(conn) -> None:
-    import warnings
-
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # one core per worker; the rank threads share it
@@ -161,7 +156,7 @@ def _worker(conn) -> None:
         index, name, worlds = task
         try:
             row = check_architecture(name, worlds)
-        except BaseException as exc:  # noqa: BLE001 - never let one architecture kill the worker silently
+        except BaseException as exc:  # never let one architecture kill the worker silently
             row = Row(name, built=False, build_error=_one_line(f"checker crashed: {type(exc).__name__}: {exc}"))
         conn.send((index, row))
 
@@ -275,10 +270,6 @@ def _md(text: str) -> str:
 
 
 def to_markdown(rows: Sequence[Row], command: str = "python -m tp_engine.coverage --markdown docs/coverage.md") -> str:
-    import torch
-    import transformers
-
-    built = [r for r in rows if r.built]
     kinds = by_plan_kind(rows)
     lines = [
         "# Architecture coverage",

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .comm.base import Communicator, SingleProcessCommunicator
+from .comm.mpi import MPICommunicator, mpi_world_from_env
+from .comm.shm import ShmCommunicator, try_shm_communicator
 from .comm.torch_dist import TorchDistCommunicator
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -118,9 +120,6 @@ def init(backend: str | None = None, device: str | torch.device | None = None) -
             raise ValueError(f"tp_engine.init: already running on {_runtime.device}, not {device}")
         return _runtime
     choice = _resolve_backend(backend)
-
-    from .comm.mpi import mpi_world_from_env
-
     world = torchrun_world_from_env()
     launcher = os.environ.get("TP_ENGINE_LAUNCHER", "torchrun")
     if world is None:
@@ -173,8 +172,6 @@ def _torchrun_communicator(choice: str, dev: torch.device, rank: int, world_size
             if choice == "shm":
                 raise ValueError(f"the shm backend moves CPU tensors only, not {dev.type}")
             return fallback
-        from .comm.shm import ShmCommunicator, try_shm_communicator
-
         if choice == "shm":
             return ShmCommunicator(fallback)
         return try_shm_communicator(fallback) or fallback
@@ -184,10 +181,9 @@ def _torchrun_communicator(choice: str, dev: torch.device, rank: int, world_size
 
 def _mpirun_communicator(choice: str, dev: torch.device, rank: int, world_size: int) -> Communicator:
     try:
-        from .comm.mpi import MPICommunicator
+        mpi = MPICommunicator()  # imports mpi4py
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ValueError(f"launched by mpirun but mpi4py is unavailable ({exc}); pip install mpi4py") from None
-    mpi = MPICommunicator()
     if choice == "mpi" or (choice == "auto" and dev.type == "cpu"):
         return mpi
     # torch.distributed under mpirun: rendezvous at rank 0's address, told over MPI.

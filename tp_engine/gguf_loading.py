@@ -21,8 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    Gemma2TensorProcessor,
+    LlamaTensorProcessor,
+    NemotronTensorProcessor,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+    read_field,
+)
 
 from .layers import ShardSpec
+
+# ``gguf`` is imported where a GGUF file is read, not here: an optional
+# dependency that safetensors-only users need not have installed.
 
 # Largest number of float32 values dequantized at once (64 MiB).
 CHUNK_ELEMENTS = 1 << 24
@@ -41,7 +53,7 @@ def _name_map(architecture: str, model: nn.Module, text_config: Any) -> dict[str
     The same table transformers' ``get_gguf_hf_weights_map`` consults, looked
     up once for the whole model instead of once per submodule.
     """
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map  # optional dependency, see the imports
 
     arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == architecture), None)
     if arch is None:
@@ -60,16 +72,7 @@ class GGUFCheckpoint:
     """The tensors of one GGUF file, keyed by Hugging Face parameter name."""
 
     def __init__(self, path: str, config: Any, skeleton: nn.Module):
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            Gemma2TensorProcessor,
-            LlamaTensorProcessor,
-            NemotronTensorProcessor,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-            read_field,
-        )
+        from gguf import GGUFReader  # optional dependency, see the imports
 
         self.path = path
         try:
@@ -121,7 +124,7 @@ class GGUFCheckpoint:
 
     def _full(self, gguf_name: str, tensor: Any) -> torch.Tensor:
         """The whole tensor, converted exactly as transformers' GGUF loader does."""
-        from gguf import dequantize
+        from gguf import dequantize  # optional dependency, see the imports
 
         weights = dequantize(tensor.data, tensor.tensor_type)
         weights = self.processor.process(weights=weights, name=gguf_name).weights
@@ -133,7 +136,7 @@ class GGUFCheckpoint:
         ``values`` is a float32 array of rows [first, last) with all columns,
         in Hugging Face's order (rotary permutation undone).
         """
-        from gguf import dequantize
+        from gguf import dequantize  # optional dependency, see the imports
 
         data = tensor.data
         heads = self._permuted_heads(gguf_name)

@@ -14,6 +14,13 @@ decode step pays for the collective and nothing else.
 Every parallel parameter records which slices of the full checkpoint tensor
 it holds (``ShardSpec``), so loaders need no per-model code.
 
+Every layer here with a weight matrix computes its ``x @ W^T`` through a
+strategy, ``layer.quant_method`` (vLLM's idea): :data:`FLOAT_LINEAR` /
+:data:`FLOAT_CONV1D` by default, a quantized one after
+:func:`tp_engine.quantize.quantize`. The strategy does only the matmul; the
+collectives and the bias stay the layer's, so a quantized layer keeps its
+class, its communicator and its shard metadata.
+
 Beyond the Linear layers: Conv1D-layout versions (GPT-2 stores weights as
 (in, out); the shards keep that storage), and deferred reduction, where
 several partial sums share one all-reduce: ``PartialSum`` with
@@ -24,15 +31,14 @@ where sharded weights are used without a ColumnParallel layer.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .comm.base import Communicator
-
 
 # ------------------------------------------------------------ autograd ops
 
@@ -137,11 +143,67 @@ def _new_param(shape, like: torch.Tensor | None, dtype, device, spec: ShardSpec)
     return _attach(nn.Parameter(torch.empty(shape, dtype=dtype, device=device)), spec)
 
 
+# ------------------------------------------------------------ matmul strategies
+
+
+class MatmulMethod:
+    """How a layer computes ``x @ W^T``: ``apply(layer, x, bias=None)``.
+
+    ``apply(layer, x)`` is ``x @ W^T`` for x (..., in_features), without bias.
+    A layer may pass its ``bias`` to have it added in the same call (the
+    float strategies then use one fused addmm, as F.linear does); which bias,
+    and whether before or after a collective, is the layer's decision. The
+    strategy holds whatever the matmul needs beyond the layer (a quantized
+    weight); the float ones read ``layer.weight``.
+    """
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short note for the layer's repr ("" for float)."""
+        return ""
+
+
+class FloatLinearMethod(MatmulMethod):
+    """``F.linear(x, layer.weight, bias)``: the float (out, in) weight, nn.Linear's layout."""
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
+
+    def __repr__(self) -> str:
+        return "FLOAT_LINEAR"
+
+
+class FloatConv1DMethod(MatmulMethod):
+    """``x @ layer.weight (+ bias)`` for a float (in, out) weight, GPT-2 Conv1D's layout."""
+
+    def apply(self, layer, x, bias=None):
+        w = layer.weight
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat @ w if bias is None else torch.addmm(bias, flat, w)
+        return y.view(*x.shape[:-1], w.shape[1])
+
+    def __repr__(self) -> str:
+        return "FLOAT_CONV1D"
+
+
+FLOAT_LINEAR = FloatLinearMethod()
+FLOAT_CONV1D = FloatConv1DMethod()
+
+
+def _with_method(text: str, layer: nn.Module) -> str:
+    note = layer.quant_method.describe()
+    return f"{text}, {note}" if note else text
+
+
 # ------------------------------------------------------------ layers
 
 
 class ColumnParallelLinear(nn.Module):
     """``y_local = x @ W[rows].T + b[rows]``: each rank computes some outputs."""
+
+    quant_method: MatmulMethod = FLOAT_LINEAR  # quantize() sets a quantized one per instance
 
     def __init__(
         self,
@@ -161,14 +223,18 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _new_param((self.out_features,), None, dtype, device, spec) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_parallel(x, self.comm), self.weight, self.bias)
+        return self.quant_method.apply(self, copy_to_parallel(x, self.comm), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out_local={self.out_features}, rows={self.weight.tp_shard.ranges}"
+        return _with_method(
+            f"in={self.in_features}, out_local={self.out_features}, rows={self.weight.tp_shard.ranges}", self
+        )
 
 
 class RowParallelLinear(nn.Module):
     """``y = sum_ranks x_local @ W[:, cols].T``, then the (replicated) bias."""
+
+    quant_method: MatmulMethod = FLOAT_LINEAR
 
     def __init__(
         self,
@@ -188,12 +254,14 @@ class RowParallelLinear(nn.Module):
         self.bias = _new_param((out_features,), None, dtype, device, ShardSpec()) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_parallel(F.linear(x, self.weight), self.comm)
+        y = reduce_from_parallel(self.quant_method.apply(self, x), self.comm)
         # Bias after the sum, so it is added once, not world_size times.
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_local={self.in_features}, out={self.out_features}, cols={self.weight.tp_shard.ranges}"
+        return _with_method(
+            f"in_local={self.in_features}, out={self.out_features}, cols={self.weight.tp_shard.ranges}", self
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -250,6 +318,8 @@ class ParallelLMHead(nn.Module):
     vocab shards).
     """
 
+    quant_method: MatmulMethod = FLOAT_LINEAR
+
     def __init__(
         self,
         in_features: int,
@@ -272,13 +342,13 @@ class ParallelLMHead(nn.Module):
         self.bias = _new_param((self.out_features,), None, dtype, device, spec) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(copy_to_parallel(x, self.comm), self.weight, self.bias)
+        local = self.quant_method.apply(self, copy_to_parallel(x, self.comm), self.bias)
         if not self.gather:
             return local
         return gather_from_parallel(local, self.comm, self.vocab_sizes)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, vocab=[{self.start}, {self.stop}) of {sum(self.vocab_sizes)}"
+        return _with_method(f"in={self.in_features}, vocab=[{self.start}, {self.stop}) of {sum(self.vocab_sizes)}", self)
 
 
 @torch.no_grad()
@@ -302,6 +372,8 @@ def copy_shard_(param: torch.Tensor, full: torch.Tensor, name: str = "parameter"
 class ColumnParallelConv1D(nn.Module):
     """``y_local = x @ W[:, cols] + b[cols]`` for a (in, out)-stored weight."""
 
+    quant_method: MatmulMethod = FLOAT_CONV1D
+
     def __init__(
         self,
         in_features: int,
@@ -320,17 +392,18 @@ class ColumnParallelConv1D(nn.Module):
         self.bias = _new_param((self.out_features,), None, dtype, device, ShardSpec(0, ranges)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_parallel(x, self.comm)
-        flat = x.reshape(-1, x.shape[-1])
-        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
-        return y.view(*x.shape[:-1], self.out_features)
+        return self.quant_method.apply(self, copy_to_parallel(x, self.comm), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out_local={self.out_features}, cols={self.weight.tp_shard.ranges}"
+        return _with_method(
+            f"in={self.in_features}, out_local={self.out_features}, cols={self.weight.tp_shard.ranges}", self
+        )
 
 
 class RowParallelConv1D(nn.Module):
     """``y = sum_ranks x_local @ W[rows, :]``, then the (replicated) bias."""
+
+    quant_method: MatmulMethod = FLOAT_CONV1D
 
     def __init__(
         self,
@@ -350,12 +423,13 @@ class RowParallelConv1D(nn.Module):
         self.bias = _new_param((out_features,), None, dtype, device, ShardSpec()) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], self.out_features)
-        y = reduce_from_parallel(y, self.comm)
+        y = reduce_from_parallel(self.quant_method.apply(self, x), self.comm)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_local={self.in_features}, out={self.out_features}, rows={self.weight.tp_shard.ranges}"
+        return _with_method(
+            f"in_local={self.in_features}, out={self.out_features}, rows={self.weight.tp_shard.ranges}", self
+        )
 
 
 # ------------------------------------------------------------ deferred reduction
@@ -452,10 +526,10 @@ class DeferredRowParallelLinear(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sink is None:
-            return F.linear(x, self.weight)
+            return self.quant_method.apply(self, x)
         if self.training:
             return super().forward(x)
-        return self.sink.add(F.linear(x, self.weight), self.bias)
+        return self.sink.add(self.quant_method.apply(self, x), self.bias)
 
     def extra_repr(self) -> str:
         target = "enclosing module" if self.sink is None else self.sink.owner
@@ -531,3 +605,94 @@ class CopyOutput:
 
     def __call__(self, module: nn.Module, args: tuple, output):
         return map_first_output(output, lambda y: copy_to_parallel(y, self.comm))
+
+
+# ------------------------------------------------------------ norms over sharded heads
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """Forward all-reduce, backward all-reduce.
+
+    Unlike Megatron's g, every rank uses the sum differently (each scales
+    its own heads by it), so the gradient reaching the sum is partial on
+    each rank and must be summed too.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+        ctx.comm = comm
+        return comm.all_reduce_(x.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.all_reduce_(grad.contiguous().clone()), None
+
+
+def sum_across_ranks(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """The sum of ``x`` over ranks, for a value each rank then uses in its own way."""
+    if comm.world_size == 1:
+        return x
+    if _tracking(x):
+        return _SumAcrossRanks.apply(x, comm)
+    return comm.all_reduce_(x if x.is_contiguous() else x.contiguous())
+
+
+class HeadShardedRMSNorm(nn.Module):
+    """An RMS norm over a whole q or k projection (all heads), held as the rows of this rank's heads.
+
+    Olmo 2 normalizes ``q_proj(x)`` over all ``num_heads x head_dim`` features
+    before splitting heads (and ``k_proj(x)`` over all KV heads). A rank with
+    some heads' rows sums their squares per token, all-reduces those sums (one
+    float32 value per token) and normalizes by the global mean, times its own
+    slice of the weight: attention stays split by heads.
+
+    ``rows``: this rank's (start, stop) pieces of the full ``width`` features
+    (the weight's ``tp_shard``). ``counted``: the local row ranges that enter
+    the sum (default: all). A KV head held by several ranks (KV replication)
+    must count once: the planner counts it on the lowest rank holding it.
+    ``cast_first``: Llama's cast order, ``w * normed.to(dtype)``; the default
+    is Olmo 2's, ``(w * normed).to(dtype)`` with the product in float32.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        rows: Sequence[tuple[int, int]],
+        comm: Communicator,
+        eps: float,
+        counted: Sequence[tuple[int, int]] | None = None,
+        cast_first: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.comm = comm
+        spec = ShardSpec(0, tuple((int(a), int(b)) for a, b in rows))
+        self.width = int(width)
+        self.local = spec.length()
+        self.counted = ((0, self.local),) if counted is None else tuple((int(a), int(b)) for a, b in counted if b > a)
+        if any(a < 0 or b > self.local for a, b in self.counted):
+            raise ValueError(f"HeadShardedRMSNorm: counted rows {self.counted} outside the {self.local} local rows")
+        self.variance_epsilon = float(eps)
+        self.cast_first = cast_first
+        self.weight = _new_param((self.local,), None, dtype, device, spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.to(torch.float32)
+        sq = xf.pow(2)
+        if self.counted == ((0, self.local),):
+            total = sq.sum(-1, keepdim=True)
+        else:
+            total = xf.new_zeros(*xf.shape[:-1], 1)
+            for a, b in self.counted:
+                total = total + sq.narrow(-1, a, b - a).sum(-1, keepdim=True)
+        variance = sum_across_ranks(total, self.comm) / self.width
+        xf = xf * torch.rsqrt(variance + self.variance_epsilon)
+        if self.cast_first:
+            return self.weight * xf.to(dtype)
+        return (self.weight * xf).to(dtype)
+
+    def extra_repr(self) -> str:
+        counted = "" if self.counted == ((0, self.local),) else f", counted={self.counted}"
+        return f"width={self.width}, rows={self.weight.tp_shard.ranges}{counted}, eps={self.variance_epsilon}"

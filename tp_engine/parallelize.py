@@ -15,11 +15,17 @@ What the spec (``models/spec.py``) can describe, and what happens here:
 * parallel attention + MLP blocks, all-reduced once per layer
   (:class:`~tp_engine.layers.PartialSum`);
 * MoE blocks with fused 3-D expert weights, all-reduced once per block;
+* q/k RMS norms over a whole projection (Olmo 2), split with the heads they
+  normalize, all-reducing per-token sums of squares (:class:`~tp_engine.layers.HeadShardedRMSNorm`);
 * ALiBi biases narrowed to the rank's heads; config views with rank-local
   head counts for modules that read them from the config;
 * partial plans: roles a spec replicates (attention, MLP, embedding, LM
   head) stay whole on every rank, and layers that differ are sharded by the
-  spec of their kind (``ArchSpec.layer_kinds``, keyed by :func:`layer_kind`).
+  spec of their kind (``ArchSpec.layer_kinds``, keyed by ``models.layout.layer_kind``).
+
+``shard_model`` takes the spec as an argument and only shards; choosing the
+spec (declared, or inferred and parity-checked) happens before, once, in
+``tp_engine.api`` (whose ``parallelize`` is the public entry point).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .comm.base import Communicator
 from .layers import (
@@ -37,6 +44,7 @@ from .layers import (
     CopyInputs,
     CopyOutput,
     DeferredRowParallelLinear,
+    HeadShardedRMSNorm,
     ParallelLMHead,
     PartialSum,
     ReduceOutput,
@@ -48,10 +56,9 @@ from .layers import (
     map_first_output,
     shard_parameter,
 )
-from .models import resolve_spec
+from .models.layout import fused_qkv_rows, layer_kind, layer_types, merge_ranges, rms_norm_form
 from .models.spec import ArchSpec
 from .plan import ModelDims, ModelPlan, RankPlan, normalize_shares, plan_model, split_by_shares
-
 
 # ------------------------------------------------------------ module paths
 
@@ -104,17 +111,8 @@ def _model_path(model: nn.Module, path: str) -> str | None:
 # ------------------------------------------------------------ projections
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
 def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
+    return isinstance(module, Conv1D)
 
 
 def _proj(parent: nn.Module, name: str, where: str) -> nn.Module:
@@ -202,52 +200,6 @@ class _Context:
 # ------------------------------------------------------------ attention
 
 
-def _merge(pieces: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Join adjacent (start, stop) pieces; drop empty ones."""
-    out: list[tuple[int, int]] = []
-    for a, b in pieces:
-        if a == b:
-            continue
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
-
-
-def _fused_qkv_rows(layout: str, rp: RankPlan, dims: ModelDims) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
-    """This rank's rows of a fused q/k/v output, in the order the local reshape expects.
-
-    Returns the (start, stop) pieces and, for the K/V pieces, (local offset,
-    global start, length): the rows whose gradients must be summed when a KV
-    head is replicated.
-    """
-    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
-    pieces: list[tuple[int, int]] = []
-    kv_flags: list[bool] = []
-    if layout == "concat":  # [all Q | all K | all V]
-        q0, q1, k0, k1 = rp.q_heads.start, rp.q_heads.stop, rp.kv_heads.start, rp.kv_heads.stop
-        pieces = [(q0 * hd, q1 * hd), ((nq + k0) * hd, (nq + k1) * hd), ((nq + nkv + k0) * hd, (nq + nkv + k1) * hd)]
-        kv_flags = [False, True, True]
-    else:  # "grouped": per KV head j, [Q heads of group j | K_j | V_j]
-        g = dims.group_size
-        block = (g + 2) * hd
-        for j in rp.kv_heads:
-            a, b = max(rp.q_heads.start, j * g), min(rp.q_heads.stop, (j + 1) * g)
-            base = j * block
-            # The planner gives every local KV head the same number of local Q
-            # heads, so the local view (-1, q_per_kv + 2, head_dim) lines up.
-            pieces += [(base + (a - j * g) * hd, base + (b - j * g) * hd), (base + g * hd, base + block)]
-            kv_flags += [False, True]
-    kv: list[tuple[int, int, int]] = []
-    offset = 0
-    for (a, b), is_kv in zip(pieces, kv_flags):
-        if is_kv:
-            kv.append((offset, a, b - a))
-        offset += b - a
-    return pieces, kv
-
-
 def _sum_replicated_grads(module: nn.Module, shared: Sequence[tuple[int, int, int]], full: int, comm: Communicator) -> None:
     """KV heads held by several ranks get partial gradients; sum the copies.
 
@@ -301,6 +253,41 @@ class _ConfigView:
             setattr(self.__dict__["_base"], name, value)
 
 
+def _shard_span_norm(attn: nn.Module, name: str, ctx: _Context, path: str) -> None:
+    """Split an RMS norm over a whole q or k projection (``ArchSpec.qk_norm_span``) with its rows.
+
+    Its width says which rows it normalizes: the rank's Q heads (Q width) or
+    KV heads (KV width). A KV head held by several ranks is counted in the sum
+    of squares on the lowest rank holding it only, so every head counts once.
+    """
+    rp, dims, comm = ctx.rp, ctx.dims, ctx.comm
+    hd, nq, nkv = dims.head_dim, dims.num_q_heads, dims.num_kv_heads
+    where = _join(path, name)
+    norm = _get(attn, name, path)
+    weight = getattr(norm, "weight", None)
+    width = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+    if width == nq * hd:
+        heads, earlier = rp.q_heads, [r.q_heads for r in ctx.plan.ranks[: ctx.rank]]
+    elif width == nkv * hd:
+        heads, earlier = rp.kv_heads, [r.kv_heads for r in ctx.plan.ranks[: ctx.rank]]
+    else:
+        raise ValueError(
+            f"{where}: expected a norm over {nq} Q or {nkv} KV heads x {hd} features, found "
+            f"{'no 1-D weight' if width is None else f'{width} features'}"
+        )
+    form = rms_norm_form(norm)
+    if form is None:
+        raise ValueError(f"{where}: {type(norm).__name__} is not a plain RMS norm (w * x * rsqrt(mean(x^2) + eps))")
+    held_before = {h for r in earlier for h in r}
+    counted = merge_ranges([(i * hd, (i + 1) * hd) for i, h in enumerate(heads) if h not in held_before])
+    new = HeadShardedRMSNorm(
+        width, _heads(heads, hd), comm, form.eps, counted=counted, cast_first=form.cast_first, **_like(norm)
+    )
+    _set(attn, name, _fill(new, norm))
+    if width != nq * hd and ctx.plan.replicated_kv_heads:  # on every rank: the hook all-reduces
+        _sum_replicated_grads(new, [(0, heads.start * hd, len(heads) * hd)], width, comm)
+
+
 class _NarrowAlibi:
     """Forward pre-hook: keep this rank's heads of an ALiBi tensor (batch * heads, 1, keys).
 
@@ -336,8 +323,8 @@ def _shard_attention(attn: nn.Module, spec: ArchSpec, ctx: _Context, path: str, 
                 f"{_join(path, spec.qkv_proj)}: fused q/k/v has {_in_out(fused)[1]} outputs, expected "
                 f"({nq} Q + 2 x {nkv} KV heads) x {hd} = {full}"
             )
-        pieces, kv_rows = _fused_qkv_rows(spec.qkv_layout, rp, dims)
-        new = _column(fused, _merge(pieces), comm)
+        pieces, kv_rows = fused_qkv_rows(spec.qkv_layout, rp, dims)
+        new = _column(fused, merge_ranges(pieces), comm)
         _set(attn, spec.qkv_proj, new)
         kv_modules.append((new, kv_rows, full))
     else:
@@ -361,6 +348,8 @@ def _shard_attention(attn: nn.Module, spec: ArchSpec, ctx: _Context, path: str, 
         if out % nq:
             raise ValueError(f"{_join(path, name)}: {out} outputs is not a whole number of rows per each of {nq} Q heads")
         _set(attn, name, _column(extra, _heads(rp.q_heads, out // nq), comm))
+    for name in spec.qk_norm_span:
+        _shard_span_norm(attn, name, ctx, path)
     o = _proj(attn, spec.o_proj, path)
     if _in_out(o)[0] != nq * hd:
         raise ValueError(f"{_join(path, spec.o_proj)}: has {_in_out(o)[0]} inputs, expected {nq} heads x {hd}")
@@ -654,31 +643,6 @@ def synchronize_rng(comm: Communicator) -> None:
 # ------------------------------------------------------------ entry point
 
 
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else None
-    return text if text is not None else (getattr(config, "text_config", None) or config)
-
-
-def layer_types(config: Any, n_layers: int) -> list[str | None]:
-    """The config's per-layer type names (``layer_types``) when it has one entry per layer, else Nones."""
-    types = getattr(_text_config(config), "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) == n_layers and all(isinstance(t, str) for t in types):
-        return list(types)
-    return [None] * n_layers
-
-
-def layer_kind(layer: nn.Module, layer_type: str | None = None) -> str:
-    """The key of a layer's kind: a digest of its parameter names, plus its ``layer_types`` entry.
-
-    Names, not shapes: a tiny copy of a model and the model itself give every
-    layer of the same kind the same key, whatever their sizes.
-    """
-    names = "\n".join(sorted(n for n, _ in layer.named_parameters()))
-    digest = hashlib.sha256(names.encode()).hexdigest()[:10]
-    return f"{layer_type}/{digest}" if layer_type else digest
-
-
 def layer_specs(model: nn.Module, spec: ArchSpec) -> tuple[str, list[ArchSpec]]:
     """(layer list path, the spec each layer is sharded by): ``spec`` itself, or its layer kind's."""
     layers_path = _model_path(model, spec.layers)
@@ -752,30 +716,29 @@ def _shard_layers(model: nn.Module, spec: ArchSpec, ctx: _Context) -> None:
             layer.register_forward_hook(sink.after_block)
 
 
-def parallelize(
-    model: nn.Module,
-    shares: Sequence[float] | None = None,
-    comm: Communicator | None = None,
-    rank: int | None = None,
-    spec: ArchSpec | None = None,
-) -> nn.Module:
-    """Shard ``model`` in place across the tensor-parallel group; return it.
-
-    Every rank must pass the same model (same config and weights) and the
-    same ``shares``. ``comm`` defaults to the one from ``tp_engine.init()``.
-    ``spec`` overrides the architecture spec ``models.resolve_spec`` would
-    pick (for checking a candidate spec); its ``specialize`` still applies.
-    """
-    if comm is None:
-        from .distributed import init
-
-        comm = init().comm
+def check_unsharded(model: nn.Module) -> None:
+    """Raise ValueError if ``model`` was sharded already (sharding twice would split the slices)."""
     if getattr(model, "tp_engine_plan", None) is not None:
         raise ValueError("parallelize: this model is already sharded; pass the original model")
+
+
+def shard_model(
+    model: nn.Module,
+    spec: ArchSpec,
+    comm: Communicator,
+    shares: Sequence[float] | None = None,
+    rank: int | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place by ``spec`` across ``comm``'s group; return it.
+
+    Only shards: the spec is resolved before (``tp_engine.api.resolve_spec``:
+    declared, or inferred and parity-checked), and its ``specialize`` applies
+    here. Every rank must pass the same model (same config and weights), spec
+    and ``shares``; the ranks' plans are compared before any module is swapped.
+    """
+    check_unsharded(model)
     rank = comm.rank if rank is None else rank
     config = model.config
-    if spec is None:
-        spec = resolve_spec(model, comm.world_size, shares)
     spec = spec.for_config(config)
     dims = ModelDims.from_config(config)
     plan = plan_model(dims, comm.world_size, shares)

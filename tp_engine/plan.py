@@ -97,11 +97,11 @@ def _get(config: Any, name: str) -> Any:
     configs (which raise on a global read), layer 0's value."""
     try:
         return getattr(config, name, None)
-    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError and kin
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError and kin
         per_layer = getattr(config, "per_layer_config", None)
         try:
             return getattr(per_layer[0], name, None)
-        except Exception:  # noqa: BLE001
+        except Exception:
             raise ValueError(f"config.{name} varies per layer and layer 0's value cannot be read") from None
 
 

@@ -1,15 +1,17 @@
 """Weight-only int8 / int4 quantization of a (possibly already sharded) model.
 
-Two entry points:
+Entry points (the runtime relies on these; keep them stable):
 
 * :func:`quantize_weight` turns one (N, K) float weight into a
   :class:`QuantizedWeight`, a callable computing ``x @ W_q.T`` with the
   fastest correct backend for the weight's device;
 * :func:`quantize` does that, in place, for every linear layer of a model:
-  ``nn.Linear``, HF's ``Conv1D`` and tp-engine's ``ColumnParallelLinear``,
-  ``RowParallelLinear`` and ``ParallelLMHead``. On a sharded model each rank
-  quantizes its own shard; the collectives and bias handling stay those of
-  the float layer.
+  ``nn.Linear``, HF's ``Conv1D`` and tp-engine's parallel layers
+  (:mod:`tp_engine.layers`). On a sharded model each rank quantizes its own
+  shard; the collectives and bias handling stay those of the float layer;
+* :func:`int4_group_size` is the one rule for an int4 group size;
+* :func:`layer_matmul` (a layer's ``x @ W^T``, float or quantized, without
+  bias) and :func:`is_quantized`.
 
 Quantization formats (:mod:`tp_engine.kernels.reference` defines the layouts):
 int8 is symmetric per output channel (``scale = absmax / 127``); int4 is
@@ -52,7 +54,7 @@ reference  any    8, 4   exact: x @ W_q.T in float32, result in x's dtype.
 without triton); CPU int8 -> avx2 when available (int4 under avx2 is
 faster than int4pack but keeps the canonical codes beside the kernel's
 record, more bytes than int8: opt-in), else int8pack (reference when in_features is not a
-multiple of 8, which torch's kernel needs); CPU int4 -> int4pack when
+multiple of 16, which torch's kernel needs: it crashes on other widths); CPU int4 -> int4pack when
 group_size is 32/64/128/256, else reference. Measured on the development
 machine (AMD EPYC, AVX2 without VNNI, one thread, weights streamed from
 memory, N=3072 K=576, µs per call):
@@ -88,15 +90,26 @@ blocks of 32, which it reproduces; on a function-equivalent permutation of
 the model (groups no longer aligned with those blocks, as for a genuinely
 float model) int4 costs much more (g16: 34.9, g32: 37.4, g64: 40.7).
 
-How a quantized layer looks: its ``weight`` attribute *is* the
-:class:`QuantizedWeight` (not a parameter; ``weight.dtype`` is an integer
-dtype, so e.g. the fast path sees "quantized weights" and callers fall back to
-HF's generate); the float weight is released. Parallel layers keep their
-object and attributes and only change class (a subclass whose forward runs
-the float layer's collectives around ``weight(x)``); nn.Linear / Conv1D are
-replaced by :class:`QuantizedLinear`, which is deliberately *not* an
-nn.Linear, so ``parallelize`` refuses a quantized model instead of slicing
-integer codes (quantize after sharding, on every rank).
+How a quantized layer looks (vLLM's ``quant_method`` idea, no class
+swapping): every tp-engine layer with a weight matrix computes its matmul
+through ``layer.quant_method`` (:class:`tp_engine.layers.MatmulMethod`;
+float by default). :func:`quantize` keeps the layer's object and class (its
+communicator, shard ranges, hooks, bias and collectives) and sets
+``layer.quant_method = QuantizedMethod(qw)``; the float ``weight`` parameter
+is removed from the layer and released, and ``layer.weight`` becomes a
+:class:`WeightPlaceholder`: the old shape, device and ``tp_shard``, with the
+codes' integer dtype and no data (code that reads weights sees "quantized
+weights"; the runtime computes through ``quant_method``). Plain nn.Linear / Conv1D
+are replaced by :class:`QuantizedLinear` (same ``quant_method`` /
+``weight`` attributes), which is deliberately *not* an nn.Linear, so
+``parallelize`` refuses a quantized model instead of slicing integer codes
+(quantize after sharding, on every rank).
+
+int4 group size: one rule, :func:`int4_group_size` (k, requested):
+``requested`` (default :data:`DEFAULT_GROUP_SIZE` = 32) when it divides k,
+else the largest even divisor of k below it, else None (int8 for that
+matrix). :func:`quantize` applies it per layer when no group_size is given;
+the runtime uses it for its quantized copies (speculative drafts).
 
 Quantized layers are for inference: no gradient reaches the (integer)
 weights. Quantize after moving the model to its device and dtype: the
@@ -105,10 +118,9 @@ move them, and ``state_dict()`` does not hold them.
 """
 from __future__ import annotations
 
-import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,23 +129,28 @@ from torch import nn
 from .kernels import reference as ref
 from .kernels import triton_available
 from .layers import (
+    FLOAT_CONV1D,
+    FLOAT_LINEAR,
+    ColumnParallelConv1D,
     ColumnParallelLinear,
+    DeferredRowParallelLinear,
+    MatmulMethod,
     ParallelLMHead,
+    RowParallelConv1D,
     RowParallelLinear,
-    copy_to_parallel,
-    gather_from_parallel,
-    reduce_from_parallel,
 )
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_GROUP_SIZE",
     "QuantizationSummary",
-    "QuantizedColumnParallelLinear",
     "QuantizedLinear",
-    "QuantizedParallelLMHead",
-    "QuantizedRowParallelLinear",
+    "QuantizedMethod",
     "QuantizedWeight",
+    "WeightPlaceholder",
+    "int4_group_size",
+    "is_quantized",
+    "layer_matmul",
     "quantize",
     "quantize_weight",
 ]
@@ -468,16 +485,40 @@ class _Int4Pack(QuantizedWeight):
 # ------------------------------------------------------------------ quantize_weight
 
 
-def _resolve_group_size(bits: int, group_size: int | None, k: int) -> int | None:
+def _check_group_size(bits: int, group_size: int | None) -> None:
+    """int8: no group; int4: None or an even integer >= 2 (int4 packs pairs of inputs)."""
     if bits == 8:
         if group_size is not None:
             raise ValueError("int8 is quantized per output channel; group_size applies to int4 only")
-        return None
+        return
     if group_size is None:
-        return DEFAULT_GROUP_SIZE
+        return
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
         raise ValueError(f"group_size must be an even integer >= 2, got {group_size!r}")
-    return group_size
+
+
+def int4_group_size(k: int, requested: int | None = None) -> int | None:
+    """THE int4 group size for a weight with ``k`` inputs (the one rule; the runtime uses it too).
+
+    ``requested`` (default :data:`DEFAULT_GROUP_SIZE`) when it divides k;
+    else the largest even divisor of k below it (sharding leaves widths such
+    as 48 or 60: 24, 30); else None (k odd: no int4 grouping fits; callers
+    quantize that matrix to int8). E.g. k=48 -> 24, k=67 -> None, k=2 -> 2.
+
+    ``requested`` must be an even integer >= 2. The fallback can be small
+    (k = 2 * prime gives 2); :func:`quantize` with an explicit group_size
+    does not fall back at all (see there).
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k (in_features) must be a positive integer, got {k!r}")
+    want = DEFAULT_GROUP_SIZE if requested is None else requested
+    _check_group_size(4, want)
+    if k % want == 0:
+        return want
+    for g in range(want - 2, 1, -2):
+        if k % g == 0:
+            return g
+    return None
 
 
 def _check_bits(bits: int) -> None:
@@ -495,7 +536,7 @@ def _auto_backend(bits: int, group_size: int | None, shape: tuple[int, int], dev
     if bits == 8:
         # Not fbgemm, though it is fast: its 7-bit dynamic activations
         # cost SmolLM2 far more than the int8 weights do (see the module doc).
-        return "int8pack" if _int8pack_available() and shape[1] % 8 == 0 else "reference"
+        return "int8pack" if _int8pack_available() and shape[1] % 16 == 0 else "reference"
     return "int4pack" if _int4pack_available() and group_size in _INT4PACK_GROUPS else "reference"
 
 
@@ -516,7 +557,7 @@ def _check_backend(backend: str, bits: int, group_size: int | None, shape: tuple
         available = {"fbgemm": _fbgemm_available, "int8pack": _int8pack_available, "int4pack": _int4pack_available}
         if not available[backend]():
             raise RuntimeError(f"backend {backend!r}: this torch build lacks the op")
-    if backend == "int8pack" and shape[1] % 8:
+    if backend == "int8pack" and shape[1] % 16:
         # torch's kernel reads K in steps of 8: other K crash or return garbage.
         raise ValueError(f"backend 'int8pack' needs in_features divisible by 8, got {shape[1]}")
     if backend == "int4pack" and group_size not in _INT4PACK_GROUPS:
@@ -533,8 +574,9 @@ def quantize_weight(
     """Quantize an (N, K) float weight (nn.Linear's layout) to int8 or int4.
 
     ``bits=8``: per output channel, symmetric; ``group_size`` must be None.
-    ``bits=4``: groups of ``group_size`` inputs (default
-    :data:`DEFAULT_GROUP_SIZE`), asymmetric; it must divide K.
+    ``bits=4``: groups of ``group_size`` inputs, asymmetric; an explicit
+    group_size must divide K; None: :func:`int4_group_size` (K)
+    (:data:`DEFAULT_GROUP_SIZE` when it divides K).
     ``backend``: "auto" or one of :data:`BACKENDS` (see the module doc for
     what each does to activations). Every element of W_q is within half a
     quantization step of W, except that the bfloat16 backends may add
@@ -548,7 +590,11 @@ def quantize_weight(
     if not w.dtype.is_floating_point:
         raise TypeError(f"weight must be floating point, got {w.dtype} (already quantized?)")
     n, k = w.shape
-    group_size = _resolve_group_size(bits, group_size, k)
+    _check_group_size(bits, group_size)
+    if bits == 4 and group_size is None:
+        group_size = int4_group_size(k)
+        if group_size is None:
+            raise ValueError(f"in_features {k} is odd: no int4 group size fits (int4 packs pairs); use bits=8")
     if bits == 4 and k % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {k}")
     if backend == "auto":
@@ -595,75 +641,130 @@ def _describe(qw: QuantizedWeight) -> str:
     return f"int{qw.bits}{group}, {qw.backend}"
 
 
-class QuantizedLinear(nn.Module):
-    """``nn.Linear`` (or HF ``Conv1D``) with a :class:`QuantizedWeight`: ``weight(x) + bias``.
+class QuantizedMethod(MatmulMethod):
+    """The matmul strategy of a quantized layer: ``apply(layer, x)`` is ``weight(x)``.
 
-    Deliberately not an ``nn.Linear`` subclass: code that would read
-    ``.weight`` as a float tensor (e.g. ``parallelize``) refuses it instead.
+    ``weight`` is the :class:`QuantizedWeight` (always (out, in), whatever the
+    layer's float layout was). The layer is only passed through; its
+    collectives and bias are the layer's business, as for the float methods.
     """
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+    def __init__(self, weight: QuantizedWeight):
         self.weight = weight
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.weight(x)
+        return y if bias is None else y + bias
+
+    def describe(self) -> str:
+        return _describe(self.weight)
+
+    def __repr__(self) -> str:
+        return f"QuantizedMethod({self.weight!r})"
+
+
+class WeightPlaceholder:
+    """What ``layer.weight`` is after :func:`quantize`: the float weight's description, no data.
+
+    ``shape`` as the float weight was stored (Conv1D layouts: (in, out)),
+    ``device``, ``tp_shard`` (when the float parameter had one: which slice of
+    the checkpoint tensor the codes quantize), ``bits``, ``group_size``, and
+    ``dtype``: the codes' integer dtype (int8, or uint8 for int4), *not* a
+    float, so code that checks a weight's dtype (loaders) sees
+    a quantized layer. Not a tensor and not a parameter: anything that would
+    compute with it fails, and ``state_dict()`` / ``model.to()`` skip it. The
+    layer's matmul is ``layer.quant_method`` (:func:`layer_matmul`).
+    """
+
+    __slots__ = ("bits", "device", "dtype", "group_size", "shape", "tp_shard")
+
+    def __init__(self, shape, qw: QuantizedWeight, tp_shard=None):
+        self.shape = torch.Size(shape)
+        self.dtype = qw.dtype
+        self.device = qw.device
+        self.bits = qw.bits
+        self.group_size = qw.group_size
+        self.tp_shard = tp_shard
+
+    def __repr__(self) -> str:
+        return f"WeightPlaceholder(int{self.bits}, shape={tuple(self.shape)}, device={self.device})"
+
+
+class QuantizedLinear(nn.Module):
+    """An unsharded ``nn.Linear`` (or HF ``Conv1D``) after :func:`quantize`: ``quant_method.apply(x) + bias``.
+
+    Plain nn.Linear / Conv1D compute ``F.linear(x, self.weight, ...)`` in
+    their own forward, so giving them a strategy would need class swapping or
+    patching ``forward`` on the instance; replacing the module is the honest
+    way. It is deliberately *not* an ``nn.Linear`` subclass, so code that
+    would read ``.weight`` as a float tensor (e.g. ``parallelize``) refuses
+    it instead. Same attributes as tp-engine's quantized layers:
+    ``quant_method`` (a :class:`QuantizedMethod`), ``weight`` (a
+    :class:`WeightPlaceholder`, (out, in) whatever the original layout),
+    ``bias``, ``in_features``, ``out_features``.
+    """
+
+    def __init__(self, method: QuantizedMethod, bias: torch.Tensor | None):
+        super().__init__()
+        self.quant_method = method
+        self.out_features, self.in_features = method.weight.shape
+        self.weight = WeightPlaceholder(method.weight.shape, method.weight)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.weight(x)
-        return y if self.bias is None else y + self.bias
+        return self.quant_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {_describe(self.weight)}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {self.quant_method.describe()}"
 
 
-# The parallel versions subclass the float layers: everything but the matmul
-# (communicator, shard ranges, gather flag, hooks) is the float layer's, and
-# forward repeats its collectives and bias handling around ``self.weight(x)``.
+# tp-engine's own layers: their forward runs ``self.quant_method`` (exact
+# types only: a subclass may have a forward of its own that reads .weight).
+_PARALLEL_TYPES = (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    DeferredRowParallelLinear,
+    ParallelLMHead,
+    ColumnParallelConv1D,
+    RowParallelConv1D,
+)
+_CONV1D_LAYOUT = (ColumnParallelConv1D, RowParallelConv1D)
 
 
-class QuantizedColumnParallelLinear(ColumnParallelLinear):
-    weight: QuantizedWeight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.weight(copy_to_parallel(x, self.comm))
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out_local={self.out_features}, {_describe(self.weight)}"
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer``'s matmul is a quantized strategy (a quantized parallel layer or a QuantizedLinear)."""
+    return isinstance(getattr(layer, "quant_method", None), QuantizedMethod)
 
 
-class QuantizedRowParallelLinear(RowParallelLinear):
-    weight: QuantizedWeight
+def layer_matmul(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x @ W^T`` (no bias, no collective) of a linear-like layer, as its forward computes it.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_parallel(self.weight(x), self.comm)
-        # Bias after the sum, so it is added once, not world_size times.
-        return y if self.bias is None else y + self.bias
+    For tp-engine's parallel layers and :class:`QuantizedLinear`: their
+    ``quant_method`` (float or quantized); for a plain ``nn.Linear`` or HF
+    ``Conv1D``: the float matmul of its weight. The function reads the
+    layer's current weight at each call. x is this rank's input as the
+    layer's matmul sees it (row-parallel: the local slice); the result is
+    this rank's part (column-parallel: the local outputs; row-parallel: the
+    partial sum before the all-reduce).
+    """
+    method = getattr(layer, "quant_method", None)
+    if method is None:
+        conv1d = _conv1d_type()
+        if type(layer) is nn.Linear:
+            method = FLOAT_LINEAR
+        elif conv1d is not None and type(layer) is conv1d:
+            method = FLOAT_CONV1D
+        else:
+            raise TypeError(
+                f"layer_matmul: {type(layer).__name__} is not nn.Linear, HF Conv1D, or a tp-engine parallel layer"
+            )
+    elif not isinstance(method, MatmulMethod):
+        raise TypeError(f"layer_matmul: {type(layer).__name__}.quant_method is {type(method).__name__}, not a MatmulMethod")
 
-    def extra_repr(self) -> str:
-        return f"in_local={self.in_features}, out={self.out_features}, {_describe(self.weight)}"
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        return method.apply(layer, x)
 
-
-class QuantizedParallelLMHead(ParallelLMHead):
-    weight: QuantizedWeight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = self.weight(copy_to_parallel(x, self.comm))
-        if self.bias is not None:
-            local = local + self.bias
-        if not self.gather:
-            return local
-        return gather_from_parallel(local, self.comm, self.vocab_sizes)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, vocab=[{self.start}, {self.stop}) of {sum(self.vocab_sizes)}, {_describe(self.weight)}"
-
-
-_PARALLEL = {
-    ColumnParallelLinear: QuantizedColumnParallelLinear,
-    RowParallelLinear: QuantizedRowParallelLinear,
-    ParallelLMHead: QuantizedParallelLMHead,
-}
+    return matmul
 
 
 # ------------------------------------------------------------------ quantize(model)
@@ -700,35 +801,35 @@ def _matches(path: str, patterns: Sequence[str]) -> bool:
 
 
 def _kind(module: nn.Module, conv1d: type | None) -> str | None:
-    """How ``module`` is quantized: "linear", "conv1d", "parallel", or None (not a matmul layer we handle)."""
+    """How ``module`` is quantized: "linear", "conv1d" (replaced by a QuantizedLinear), "parallel" (gets a
+    quantized ``quant_method``), or None (not a matmul layer we handle)."""
     t = type(module)
     if t is nn.Linear:
         return "linear"
     if conv1d is not None and t is conv1d:
         return "conv1d"
-    if t in _PARALLEL:
+    if t in _PARALLEL_TYPES:
         return "parallel"
     return None
 
 
 def _unhandled_reason(module: nn.Module, conv1d: type | None) -> str | None:
     """Why a linear-like module that is not handled stays float (None: it is not linear-like)."""
-    if isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+    if isinstance(module, (nn.Linear,) + _PARALLEL_TYPES):
         return f"{type(module).__name__} has its own forward; only the exact float classes are quantized"
     if conv1d is not None and isinstance(module, conv1d):
         return f"{type(module).__name__} has its own forward"
-    from . import layers
-
-    for name in ("ColumnParallelConv1D", "RowParallelConv1D"):
-        cls = getattr(layers, name, None)
-        if cls is not None and isinstance(module, cls):
-            return f"{name} (sharded GPT-2 Conv1D) is not quantized yet"
     return None
 
 
+def _transposed(module: nn.Module, kind: str) -> bool:
+    """Whether the module stores its weight (in, out) (HF Conv1D and the parallel Conv1D layers)."""
+    return kind == "conv1d" or isinstance(module, _CONV1D_LAYOUT)
+
+
 def _weight_of(module: nn.Module, kind: str) -> torch.Tensor:
-    w = module.weight
-    return w.detach().T if kind == "conv1d" else w.detach()  # Conv1D stores (in, out)
+    w = module.weight.detach()
+    return w.T if _transposed(module, kind) else w  # quantize_weight takes (out, in)
 
 
 _BACKEND_BITS = {"fbgemm": 8, "int8pack": 8, "int4pack": 4}
@@ -771,8 +872,13 @@ def quantize(
     """Quantize every linear layer of ``model`` in place (weight-only); return it.
 
     Handles ``nn.Linear``, HF ``Conv1D`` and tp-engine's ``ColumnParallelLinear``,
-    ``RowParallelLinear`` and ``ParallelLMHead`` (on a sharded model each rank
-    quantizes its shard: call it on every rank, after ``parallelize``). Other
+    ``RowParallelLinear`` (and ``DeferredRowParallelLinear``), ``ParallelLMHead``,
+    ``ColumnParallelConv1D`` and ``RowParallelConv1D`` (on a sharded model each
+    rank quantizes its shard: call it on every rank, after ``parallelize``).
+    tp-engine's layers keep their object and class: ``layer.quant_method``
+    becomes a :class:`QuantizedMethod` and ``layer.weight`` a
+    :class:`WeightPlaceholder` (the float parameter is removed from the
+    layer). ``nn.Linear`` / ``Conv1D`` are replaced by :class:`QuantizedLinear`. Other
     modules with weights (embeddings, norms) stay float; modules whose class
     only looks like a linear layer are listed in the summary's ``skipped``
     with a warning.
@@ -790,9 +896,11 @@ def quantize(
     so its quantized copy adds memory (int8: +25% of the table) in exchange
     for decode speed; ``skip=("lm_head",)`` trades back.
 
-    int4 ``group_size`` defaults to :data:`DEFAULT_GROUP_SIZE`, or, for a layer
-    whose in_features it does not divide, their greatest common divisor (an
-    explicit ``group_size`` must divide every int4 layer's in_features).
+    int4 ``group_size`` None: per layer, :func:`int4_group_size` (in_features)
+    (:data:`DEFAULT_GROUP_SIZE` when it divides, else the largest even divisor
+    below it), and int8 for a layer with odd in_features (an uneven shard).
+    An explicit ``group_size`` is a format choice (e.g. one a kernel needs):
+    it must divide every int4 layer's in_features, or quantize refuses.
     ``backend``: as for :func:`quantize_weight`; a backend made for the other
     width (e.g. "int4pack" for an int8 head) falls back to "auto" there.
 
@@ -812,15 +920,13 @@ def quantize(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
-    if getattr(model, "tp_engine_quantization", None) is not None or any(
-        isinstance(getattr(m, "weight", None), QuantizedWeight) for m in model.modules()
-    ):
+    if getattr(model, "tp_engine_quantization", None) is not None or any(is_quantized(m) for m in model.modules()):
         raise ValueError("quantize: this model is already quantized; quantize the float model once")
     if isinstance(skip, str):
         skip = (skip,)
     explicit_group = group_size
     if group_size is not None:
-        _resolve_group_size(bits, group_size, 0)  # int8: refuses any group; int4: must be even
+        _check_group_size(bits, group_size)  # int8: refuses any group; int4: must be even
 
     conv1d = _conv1d_type()
     summary = QuantizationSummary(bits=bits, group_size=group_size if bits == 4 else None)
@@ -848,20 +954,23 @@ def quantize(
             raise ValueError(f"{path}: weights are on the meta device (not loaded); load them before quantizing")
         if not w.dtype.is_floating_point:
             raise TypeError(f"{path}: weight is {w.dtype}, not floating point")
-        k = w.shape[0] if kind == "conv1d" else w.shape[1]
+        n, k = (w.shape[1], w.shape[0]) if _transposed(module, kind) else (w.shape[0], w.shape[1])
         layer_bits = head_bits if module is head else bits
         g = None
         if layer_bits == 4:
             if explicit_group is not None:
                 if k % explicit_group:
-                    raise ValueError(f"{path}: group_size {explicit_group} does not divide in_features {k}")
+                    raise ValueError(
+                        f"{path}: group_size {explicit_group} does not divide in_features {k} "
+                        "(group_size=None picks one per layer)"
+                    )
                 g = explicit_group
             else:
-                g = math.gcd(k, DEFAULT_GROUP_SIZE)
-                if g < 2:
-                    raise ValueError(f"{path}: in_features {k} is odd; int4 packs pairs of inputs")
+                g = int4_group_size(k)
+                if g is None:  # odd width (an uneven shard): no int4 grouping fits
+                    layer_bits = 8
         layer_backend = backend if _BACKEND_BITS.get(backend, layer_bits) == layer_bits else "auto"
-        shape = (w.shape[1], k) if kind == "conv1d" else (w.shape[0], k)
+        shape = (n, k)
         if layer_backend != "auto":
             try:
                 _check_backend(layer_backend, layer_bits, g, shape, w.device)
@@ -883,18 +992,19 @@ def quantize(
             summary.released_bytes += nbytes
         summary.quantized_bytes += qw.nbytes
         summary.quantized[path] = _describe(qw)
-        spec = getattr(w, "tp_shard", None)
-        if spec is not None:
-            qw.tp_shard = spec  # which slice of the checkpoint tensor these codes quantize
+        method = QuantizedMethod(qw)
         if kind == "parallel":
-            # Same object, quantized class: keeps comm, ranges, hooks and identity.
+            # Same object and class: keeps comm, ranges, hooks and identity;
+            # only the matmul strategy changes. The float parameter leaves the
+            # layer; its description (and tp_shard) stays as the placeholder.
+            placeholder = WeightPlaceholder(w.shape, qw, getattr(w, "tp_shard", None))
             del module._parameters["weight"]
-            module.__class__ = _PARALLEL[type(module)]
-            module.weight = qw
+            module.weight = placeholder
+            module.quant_method = method
         else:
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            new = QuantizedLinear(qw, module.bias)
+            new = QuantizedLinear(method, module.bias)
             new.train(module.training)
             setattr(parent, name, new)
         del w

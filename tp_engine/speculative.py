@@ -30,7 +30,7 @@ Draft placements:
   rank r holds and runs the draft (others pass ``draft=None``); it
   broadcasts the proposals (and, when sampling, their probabilities).
 
-The target and a model draft run on the fast path (:mod:`tp_engine.fastpath`).
+The target and a model draft run on the lean runtime (:mod:`tp_engine.runtime`).
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .fastpath import FastDecoder, FastPathUnsupported, _decoder_for
+from .runtime import Decoder, RuntimeUnsupported, decoder_for
+from .runtime.sampling import eos_ids, shared_seed
 
 __all__ = ["SpeculativeStats", "speculative_generate", "draft_decoder"]
 
@@ -68,28 +69,28 @@ class SpeculativeStats:
 
 def draft_decoder(
     target: nn.Module, draft: Any, group_size: int | None = None
-) -> FastDecoder | None:
-    """The fast-path decoder of ``draft``: None, "int8"/"int4" (a quantized
+) -> Decoder | None:
+    """The runtime decoder of ``draft``: None, "int8"/"int4" (a quantized
     copy of ``target``'s own, possibly sharded, weights), a model, or a
-    :class:`FastDecoder`. Self-copies are cached on the target."""
-    if draft is None or isinstance(draft, FastDecoder):
+    :class:`~tp_engine.runtime.Decoder`. Self-copies are cached on the target."""
+    if draft is None or isinstance(draft, Decoder):
         return draft
     if isinstance(draft, str):
         bits = {"int8": 8, "int4": 4}.get(draft.lower())
         if bits is None:
             raise ValueError(f"draft must be 'int8', 'int4', a model or None, got {draft!r}")
         cache = target.__dict__.setdefault("_tp_engine_draft_decoders", {})
-        key = (bits, group_size, id(target.model.layers[0].self_attn.q_proj))
+        target_decoder = decoder_for(target)  # fuse the target first: the draft then reads views, no copy
+        key = (bits, group_size, id(target_decoder))
         if key not in cache:
-            target_decoder = _decoder_for(target)  # fuse the target first: the draft then reads views, no copy
             cache.clear()
-            cache[key] = FastDecoder(target, comm=target_decoder.comm, weight_bits=bits, group_size=group_size)
+            cache[key] = Decoder(target, comm=target_decoder.comm, weight_bits=bits, group_size=group_size)
         return cache[key]
     if isinstance(draft, nn.Module):
         try:
-            return _decoder_for(draft)
-        except FastPathUnsupported as e:
-            raise FastPathUnsupported(f"speculative decoding: the draft model is not supported: {e}") from None
+            return decoder_for(draft)
+        except RuntimeUnsupported as e:
+            raise RuntimeUnsupported(f"speculative decoding: the draft model is not supported: {e}") from None
     raise TypeError(f"draft must be 'int8', 'int4', a model or None, got {type(draft).__name__}")
 
 
@@ -179,9 +180,9 @@ def speculative_generate(
     sharded like it), a model (unsharded: replicated or on ``draft_rank``;
     or parallelized on the same group: sharded), or None on ranks that do not
     hold the draft when ``draft_rank`` is set. ``group_size``: int4 groups of
-    a self-copy draft. Other arguments as :func:`tp_engine.fastpath.fast_generate`.
+    a self-copy draft. Other arguments as :func:`tp_engine.generate`.
     """
-    target = _decoder_for(model)
+    target = decoder_for(model)
     comm, world, rank = target.comm, target.world, target.rank
     k = int(num_draft_tokens)
     if k < 1:
@@ -203,7 +204,7 @@ def speculative_generate(
     try:
         drafter = draft_decoder(model, draft, group_size)
         if drafter is target:  # the model drafting for itself: it needs a cache of its own
-            drafter = FastDecoder(draft, comm=target.comm)
+            drafter = Decoder(draft, comm=target.comm)
     except (ValueError, TypeError, RuntimeError) as e:  # shared with the other ranks below, then raised
         if world == 1:
             raise
@@ -241,10 +242,10 @@ def speculative_generate(
     stats = SpeculativeStats(placement=placement)
     prompt = input_ids[0].to(target.device)
     S, n_max = prompt.shape[0], int(max_new_tokens)
-    eos = target._eos_set(eos_token_id)  # None: generation_config, as generate does
+    eos = frozenset(eos_ids(model, eos_token_id))  # None: generation_config, as generate does
     gen_accept = gen_draft = None
     if do_sample:
-        shared = target._shared_seed(seed)
+        shared = shared_seed(comm, seed, target.device)
         gen_accept = torch.Generator(device="cpu").manual_seed(shared)
         gen_draft = torch.Generator(device="cpu").manual_seed(shared + 1)
     if streamer is not None:
@@ -277,7 +278,7 @@ def speculative_generate(
             feed = seq[d_len:]
             for _ in range(k_round):
                 if len(feed) == 1:  # the lean single-token step
-                    h = drafter.step_hidden(drafter._embed_token(feed[0]), d_len)
+                    h = drafter.step_hidden(drafter.embed_token(feed[0]), d_len)
                 else:
                     h = drafter.extend_hidden(torch.tensor(feed, device=drafter.device), d_len)
                 d_len += len(feed)
@@ -324,7 +325,7 @@ def speculative_generate(
     return torch.cat([input_ids, tokens], dim=1), stats
 
 
-def _share_proposals(comm, src: int, rank: int, k: int, proposals, q_rows, do_sample: bool, target: FastDecoder):
+def _share_proposals(comm, src: int, rank: int, k: int, proposals, q_rows, do_sample: bool, target: Decoder):
     """Broadcast the draft rank's proposals (and their distributions when sampling)."""
     ids = torch.tensor(proposals if rank == src else [0] * k, dtype=torch.int64, device=target.device)
     comm.broadcast_(ids, src=src)
@@ -334,7 +335,7 @@ def _share_proposals(comm, src: int, rank: int, k: int, proposals, q_rows, do_sa
     return ids.tolist(), q_rows
 
 
-def _accept_sampled(target: FastDecoder, hv: torch.Tensor, proposals: list[int], q_rows, temperature, top_k, top_p, gen):
+def _accept_sampled(target: Decoder, hv: torch.Tensor, proposals: list[int], q_rows, temperature, top_k, top_p, gen):
     """The rejection rule: keep x_i with prob min(1, p_i(x_i)/q_i(x_i)), else resample from (p_i - q_i)+."""
     p = _probs(target.rows_logits(hv), temperature, top_k, top_p).cpu()
     new: list[int] = []

@@ -123,7 +123,7 @@ def load_native() -> Any | None:
                 _declare(lib)
                 if lib.tp_shm_abi() != _ABI:
                     raise RuntimeError(f"ABI {lib.tp_shm_abi()} != {_ABI}")
-            except Exception as exc:  # noqa: BLE001 - any failure means: use the Python path
+            except Exception as exc:  # any failure means: use the Python path
                 log.warning("shm: native helper unavailable (%s); using the slower pure-Python path", exc)
                 lib = None
         _native.append(lib)

@@ -231,7 +231,7 @@ def run_threads(
         comm = group.comm(rank)
         try:
             results[rank] = fn(comm, *args)
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+        except BaseException as exc:  # reported to the caller below
             with errors_lock:
                 errors.append((rank, exc))
             group.abort(f"rank {rank} raised {type(exc).__name__}: {exc}")

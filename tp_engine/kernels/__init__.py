@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+
+import torch
 
 from . import reference
 
@@ -27,8 +30,6 @@ def triton_available(device: str = "cuda") -> bool:
         return False
     if device == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1" and _interpreter_works()
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -36,8 +37,6 @@ def triton_available(device: str = "cuda") -> bool:
 def _interpreter_works() -> bool:
     """One tiny launch: TRITON_INTERPRET=1 set only after triton was imported
     leaves the interpreter half-enabled, and every launch fails."""
-    import torch
-
     try:
         q, scale = reference.quantize_int8(torch.ones(2, 4))
         load_triton().int8_matmul(torch.ones(1, 4), q, scale)
@@ -47,7 +46,5 @@ def _interpreter_works() -> bool:
 
 
 def load_triton():
-    """The :mod:`.triton_kernels` module (imports triton)."""
-    import importlib
-
+    """The :mod:`.triton_kernels` module (imports triton, an optional dependency: only on first use)."""
     return importlib.import_module(f"{__name__}.triton_kernels")

@@ -158,7 +158,7 @@ def _load() -> Any | None:
                 raise RuntimeError(f"ABI {lib.tp_gemm_abi()} != {_ABI}")
             if not lib.tp_gemm_cpu_ok():
                 raise RuntimeError("this CPU lacks AVX2 or FMA")
-        except Exception as exc:  # noqa: BLE001 - any failure means: use torch
+        except Exception as exc:  # any failure means: use torch
             log.info("cpu_gemm: native kernels unavailable (%s)", exc)
             _why_not.append(str(exc))
             lib = None

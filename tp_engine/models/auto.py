@@ -7,7 +7,10 @@ their parameter names and ``layer_types`` entry, so hybrids, dense + MoE
 stacks and decoders with cross-attention are planned kind by kind):
 
 * the self-attention: separate q/k/v/o projections (found by role names,
-  checked against the head counts), or a fused q/k/v projection;
+  checked against the head counts), or a fused q/k/v projection; q/k RMS
+  norms over the whole projection (Olmo 2) are split with the heads
+  (``ArchSpec.qk_norm_span``; a copy of the norm is run on a probe to
+  learn its cast order, ``layout.rms_norm_form``);
 * the MLP: column (hidden -> width) and row (width -> hidden) projections
   found by shape, a fused [gate | up] projection, or fused 3-D MoE experts
   (plus a shared expert);
@@ -16,14 +19,17 @@ stacks and decoders with cross-attention are planned kind by kind):
 What it cannot shard with certainty it *replicates*: every rank keeps that
 module whole and computes it fully, which is correct by construction
 (cross-attention, latent attention, state-space and other token mixers,
-norms spanning heads, attention with parameters of unknown role, experts
-of an unknown layout, embeddings with their own forward). A partial plan
+norms spanning heads that are not plain RMS norms, attention with
+parameters of unknown role, experts of an unknown layout, embeddings with
+their own forward). A partial plan
 is still tensor parallel where it shards, and says what it replicates.
 
 Where the structure admits several readings, they are *hypotheses*, proven
 on a tiny random copy of the same architecture against transformers' own
-unsharded forward (``tp_engine/check.py``; random weights make a wrong
-reading fail by orders of magnitude):
+unsharded forward (random weights make a wrong reading fail by orders of
+magnitude). The proof is the caller's ``passes`` function
+(``check.hypothesis_passes``, wired up by ``check.inferred_spec``): this
+module only reads structure and never shards or runs a model itself.
 
 * a fused q/k/v or [gate | up] projection: every plausible row layout is
   tried alone, and the unique one that passes is kept (none, or more than
@@ -46,11 +52,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..plan import ModelDims
-from .spec import ArchSpec
+from ..plan import ModelDims, plan_model
+from .layout import fused_qkv_rows, layer_kind, layer_types, merge_ranges, rms_norm_form, text_config
+from .spec import QKV_LAYOUTS, ArchSpec
 
-__all__ = ["infer_spec", "HYPOTHESIS_WORLD"]
+__all__ = ["HYPOTHESIS_WORLD", "Prover", "Unprovable", "infer_spec"]
 
 # Role names (last path component of a projection).
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "query_proj", "project_q", "q_lin")
@@ -111,17 +119,8 @@ def _common(paths: Iterable[str]) -> str:
     return ".".join(common)
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it
-        return None
-    return Conv1D
-
-
 def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
+    return isinstance(module, Conv1D)
 
 
 def _io(module: nn.Module) -> tuple[int, int]:
@@ -142,14 +141,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 
 def _is_plain_proj(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
-    return _is_plain_linear(module) or (conv1d is not None and type(module) is conv1d)
-
-
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    text = get() if callable(get) else None
-    return text if text is not None else (getattr(config, "text_config", None) or config)
+    return _is_plain_linear(module) or type(module) is Conv1D
 
 
 def _linears(module: nn.Module) -> dict[str, nn.Module]:
@@ -158,8 +150,7 @@ def _linears(module: nn.Module) -> dict[str, nn.Module]:
 
 def _projection_like(module: nn.Module) -> dict[str, nn.Module]:
     """Linear layers and transformers' Conv1D (GPT-2 style, weight stored transposed)."""
-    conv1d = _conv1d_type() or ()
-    return {n: m for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, conv1d))}
+    return {n: m for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))}
 
 
 _EXPERT_WEIGHT_HINTS = ("up", "down", "gate", "w1", "w2", "w3", "expert", "linear")
@@ -226,11 +217,11 @@ class _Part:
 
 def _layer_counts(config: Any) -> set[int]:
     counts = set()
-    for cfg in (_text_config(config), config):
+    for cfg in (text_config(config), config):
         for k in _LAYER_KEYS:
             try:
                 v = getattr(cfg, k, None)
-            except Exception:  # noqa: BLE001 - heterogeneous configs raise on some global reads
+            except Exception:  # heterogeneous configs raise on some global reads
                 v = None
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 counts.add(v)
@@ -294,7 +285,7 @@ def _decoder_prefix(model: nn.Module) -> str | None:
     get = getattr(model, "get_decoder", None)
     try:
         decoder = get() if callable(get) else None
-    except Exception:  # noqa: BLE001 - models without a decoder accessor raise various errors
+    except Exception:  # models without a decoder accessor raise various errors
         return None
     if not isinstance(decoder, nn.Module):
         return None
@@ -445,11 +436,11 @@ def _head_attrs(module: nn.Module, dims: ModelDims, wide: bool = False) -> tuple
 
 def _attention_extras(
     layer: nn.Module, attention: str, core: str, used: set[str], dims: ModelDims, hidden_in: int, where: str
-) -> tuple[tuple[str, ...], tuple[str, ...], list[str]]:
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], list[str]]:
     """Everything with weights inside the attention core besides q/k/v/o.
 
-    Returns (Q-head projections, Q-head parameters, assumptions); raises
-    _Replicate for what sharded heads cannot reproduce.
+    Returns (Q-head projections, Q-head parameters, norms spanning the Q or KV
+    heads, assumptions); raises _Replicate for what sharded heads cannot reproduce.
     """
     attn = layer.get_submodule(attention)
     core_mod = attn.get_submodule(core) if core else attn
@@ -457,6 +448,7 @@ def _attention_extras(
     hd, nq = dims.head_dim, dims.num_q_heads
     q_projs: list[str] = []
     q_params: list[str] = []
+    span_norms: list[str] = []
     assumed: list[str] = []
     for name, m in core_mod.named_modules():
         full = core_prefix + name
@@ -477,6 +469,13 @@ def _attention_extras(
         for pname, p in m.named_parameters(recurse=False):
             if p.dim() == 1 and p.shape[0] == hd:
                 continue  # a per-head norm (q_norm/k_norm over head_dim): replicated, unaffected
+            span = {nq * hd: "Q", dims.num_kv_heads * hd: "KV"}.get(int(p.shape[0])) if p.dim() == 1 else None
+            if span and "." not in name and rms_norm_form(m) is not None:
+                # A q/k norm over the whole projection (Olmo 2): split with the heads,
+                # one all-reduce of per-token sums of squares. Proven on a tiny copy.
+                span_norms.append(full)
+                assumed.append(f"{full} is an RMS norm over all {span} heads of its projection's output")
+                continue
             raise _Replicate(
                 f"{where}.{_join(attention, full, pname)} (shape {tuple(p.shape)}) acts on the attention's "
                 f"sharded activations; only head_dim-wide norms are safe to keep whole"
@@ -492,7 +491,7 @@ def _attention_extras(
                 f"{where}.{_join(attention, core, pname)} (shape {tuple(p.shape)}): a parameter of the attention "
                 f"module itself whose role is unknown"
             )
-    return tuple(q_projs), tuple(q_params), assumed
+    return tuple(q_projs), tuple(q_params), tuple(span_norms), assumed
 
 
 def _separate_attention(
@@ -526,7 +525,7 @@ def _separate_attention(
     if shapes[o][1] != shapes[q][0]:
         raise _Replicate(f"{where}.{attention}: {o} writes {shapes[o][1]} features but {q} reads {shapes[q][0]}")
     core_mod = attn.get_submodule(core) if core else attn
-    q_projs, q_params, assumed = _attention_extras(layer, attention, core, {q, k, v, o}, dims, shapes[q][0], where)
+    q_projs, q_params, span_norms, assumed = _attention_extras(layer, attention, core, {q, k, v, o}, dims, shapes[q][0], where)
     q_attrs, kv_attrs, width = _head_attrs(core_mod, dims)
     fields = dict(
         attention=attention, q_proj=q, k_proj=k, v_proj=v, o_proj=o,
@@ -540,6 +539,8 @@ def _separate_attention(
         fields["q_head_projs"] = q_projs
     if q_params:
         fields["q_head_params"] = q_params
+    if span_norms:
+        fields["qk_norm_span"] = span_norms
     certain = not assumed and not extra_fields
     notes += [f"assumed: {a}" for a in assumed]
     return [_Option(tuple(sorted(fields.items())), "separate q/k/v")], certain, False, attention, notes
@@ -547,11 +548,6 @@ def _separate_attention(
 
 def _equivalent_layouts(dims: ModelDims, layouts: Sequence[str]) -> list[str]:
     """Drop layouts that give every rank the same rows as an earlier one (for these head counts)."""
-    from ..parallelize import _fused_qkv_rows
-    from ..plan import plan_model
-
-    from ..parallelize import _merge
-
     seen: list[tuple] = []
     kept: list[str] = []
     for layout in layouts:
@@ -561,7 +557,7 @@ def _equivalent_layouts(dims: ModelDims, layouts: Sequence[str]) -> list[str]:
                 plan = plan_model(dims, world)
             except ValueError:
                 continue
-            rows.append(tuple(_merge(_fused_qkv_rows(layout, plan[r], dims)[0]) for r in range(world)))
+            rows.append(tuple(merge_ranges(fused_qkv_rows(layout, plan[r], dims)[0]) for r in range(world)))
         sig = tuple(rows)
         if sig not in seen:
             seen.append(sig)
@@ -572,8 +568,6 @@ def _equivalent_layouts(dims: ModelDims, layouts: Sequence[str]) -> list[str]:
 def _fused_attention(
     layer: nn.Module, holder: str, fused: str, dims: ModelDims, where: str
 ) -> tuple[list[_Option], bool, bool, str, list[str]]:
-    from .spec import QKV_LAYOUTS
-
     attention, core, o = _locate_output(layer, holder, where)
     if core:
         raise _Replicate(f"{where}.{attention}: a fused q/k/v projection in a sub-module")
@@ -585,7 +579,7 @@ def _fused_attention(
     hd, nq = dims.head_dim, dims.num_q_heads
     if _io(out)[0] != nq * hd:
         raise _Replicate(f"{where}.{attention}.{o} reads {_io(out)[0]} features, not {nq} heads x {hd}")
-    q_projs, q_params, assumed = _attention_extras(layer, attention, "", {fused, o}, dims, _io(proj)[0], where)
+    q_projs, q_params, span_norms, assumed = _attention_extras(layer, attention, "", {fused, o}, dims, _io(proj)[0], where)
     q_attrs, kv_attrs, width = _head_attrs(attn, dims, wide=True)
     base: dict[str, Any] = dict(attention=attention, qkv_proj=fused, o_proj=o, q_head_attrs=q_attrs, kv_head_attrs=kv_attrs)
     if width:
@@ -594,9 +588,11 @@ def _fused_attention(
         base["q_head_projs"] = q_projs
     if q_params:
         base["q_head_params"] = q_params
+    if span_norms:
+        base["qk_norm_span"] = span_norms
     try:
         config_heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
-    except Exception:  # noqa: BLE001 - heterogeneous configs raise on some global reads
+    except Exception:  # heterogeneous configs raise on some global reads
         config_heads = None
     if config_heads == nq:
         # Phi-3 style: the forward slices the fused output at config.num_attention_heads x head_dim.
@@ -896,7 +892,7 @@ def _vocab_parts(model: nn.Module, dims: ModelDims) -> tuple[_Part, _Part, str, 
 
 def _tp_plan_disagreement(config: Any, layers: str, fields: dict[str, Any]) -> str:
     """transformers' own plan (glob -> style), where present, against the roles we inferred: "" if they agree."""
-    plan = getattr(_text_config(config), "base_model_tp_plan", None) or getattr(config, "base_model_tp_plan", None)
+    plan = getattr(text_config(config), "base_model_tp_plan", None) or getattr(config, "base_model_tp_plan", None)
     if not plan:
         return ""
     roles: dict[str, str] = {}
@@ -1045,21 +1041,16 @@ def _shards_no_role(spec: ArchSpec) -> bool:
 # ------------------------------------------------------------ proving hypotheses
 
 
-class _Unprovable(ValueError):
-    """The tiny copy cannot judge any plan (transformers' own unsharded run fails)."""
+class Unprovable(ValueError):
+    """Raised by a prover when the tiny copy cannot judge any plan (transformers' own unsharded run fails)."""
 
 
-def _passes(model: nn.Module, spec: ArchSpec) -> bool:
-    from ..check import hypothesis_verdict, reference_problem
-
-    report = hypothesis_verdict(model, spec, HYPOTHESIS_WORLD)
-    problem = reference_problem(report)
-    if problem is not None:
-        raise _Unprovable(f"no plan can be proven on a tiny copy: {problem}")
-    return report.ok
+# Whether a candidate spec for the model passes on a tiny copy at HYPOTHESIS_WORLD
+# ranks (``check.hypothesis_passes``); raises Unprovable when nothing can be proven.
+Prover = Callable[[nn.Module, ArchSpec], bool]
 
 
-def _resolve(model: nn.Module, plan: _Plan, passes: Callable[[nn.Module, ArchSpec], bool]) -> ArchSpec:
+def _resolve(model: nn.Module, plan: _Plan, passes: Prover) -> ArchSpec:
     parts = plan.parts()
     choice: dict[int, int | None] = {id(p): (0 if p.options else None) for p in parts}
     extra: list[str] = []
@@ -1115,15 +1106,13 @@ def _infer_plan(model: nn.Module) -> _Plan:
     model_type = str(getattr(config, "model_type", "?"))
     try:
         dims = ModelDims.from_config(config)
-    except Exception as exc:  # noqa: BLE001 - any config the planner cannot read is a refusal
+    except Exception as exc:  # any config the planner cannot read is a refusal
         raise ValueError(f"the planner cannot read head counts and sizes from the config ({type(exc).__name__}: {exc})") from None
     counts = _layer_counts(config)
     if not counts:
         raise ValueError("the config names no layer count (num_hidden_layers)")
     layers_path = _find_layer_list(model, counts)
     layers = model.get_submodule(layers_path)
-    from ..parallelize import layer_kind, layer_types
-
     kinds: dict[str, _Kind] = {}
     for i, (layer, kind_type) in enumerate(zip(layers, layer_types(config, len(layers)))):
         key = layer_kind(layer, kind_type)
@@ -1175,12 +1164,13 @@ def _infer_plan(model: nn.Module) -> _Plan:
     return plan
 
 
-def infer_spec(model: nn.Module) -> ArchSpec:
+def infer_spec(model: nn.Module, passes: Prover) -> ArchSpec:
     """An ``ArchSpec`` (family ``"auto:<model_type>"``) read off ``model``'s structure.
 
     Parts it cannot shard with certainty are replicated (``spec.replicate``,
     per layer kind; ``spec.notes`` says why); readings that need proof are
-    proven on a tiny random copy at TP=2 (see the module docstring). Raises
+    proven by ``passes`` (``check.hypothesis_passes``: a tiny random copy at
+    TP=2, see the module docstring). Raises
     ValueError saying why when nothing in the layers can be sharded or the
     model cannot be read. Works on meta-device models (reads no weights).
     """
@@ -1190,8 +1180,8 @@ def infer_spec(model: nn.Module) -> ArchSpec:
     except ValueError as exc:
         raise ValueError(f"{model_type}: {exc}") from None
     try:
-        spec = _resolve(model, plan, _passes)
-    except _Unprovable as exc:
+        spec = _resolve(model, plan, passes)
+    except Unprovable as exc:
         raise ValueError(f"{model_type}: {exc}") from None
     per_layer = [s for _, s in spec.layer_kinds] or [spec]
     if all(_shards_no_role(s) for s in per_layer):

@@ -14,6 +14,7 @@ Position and token-type embeddings are small and stay replicated, as do the
 pooler and task heads other than the masked-LM decoder (which gathers full
 logits). ``BertModel`` / ``RobertaModel`` (no head) work too.
 """
+from .family import Family
 from .spec import ArchSpec
 
 
@@ -40,4 +41,4 @@ def _encoder(family: str, prefix: str, lm_head: str) -> ArchSpec:
 BERT_LAYOUT = _encoder("bert", "bert", "cls.predictions.decoder")
 ROBERTA_LAYOUT = _encoder("roberta", "roberta", "lm_head.decoder")
 
-SPECS = {"bert": BERT_LAYOUT, "roberta": ROBERTA_LAYOUT}
+FAMILIES = {"bert": Family(BERT_LAYOUT), "roberta": Family(ROBERTA_LAYOUT)}

@@ -12,6 +12,7 @@ numbers the unsharded model uses). ``pretraining_tp`` with
 """
 from typing import Any
 
+from .family import Family
 from .spec import ArchSpec
 
 BLOOM_LAYOUT = ArchSpec(
@@ -39,4 +40,4 @@ def _for_config(config: Any) -> ArchSpec:
     return BLOOM_LAYOUT
 
 
-SPECS = {"bloom": BLOOM_LAYOUT.replace(specialize=_for_config)}
+FAMILIES = {"bloom": Family(BLOOM_LAYOUT.replace(specialize=_for_config))}

@@ -20,6 +20,7 @@ biases of all heads into the attention mask itself.
 """
 from typing import Any
 
+from .family import Family
 from .spec import ArchSpec
 
 FALCON_LAYOUT = ArchSpec(
@@ -50,4 +51,4 @@ def _for_config(config: Any) -> ArchSpec:
     )
 
 
-SPECS = {"falcon": FALCON_LAYOUT.replace(specialize=_for_config)}
+FAMILIES = {"falcon": Family(FALCON_LAYOUT.replace(specialize=_for_config))}

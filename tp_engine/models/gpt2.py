@@ -8,6 +8,7 @@ tensor) and ``split_size`` becomes its local Q width. ``wpe`` (learned
 positions) stays replicated; ``wte`` is vocab-parallel and tied to the LM
 head. Cross-attention (``add_cross_attention``) modules stay replicated.
 """
+from .family import Family
 from .spec import ArchSpec
 
 GPT2_LAYOUT = ArchSpec(
@@ -25,4 +26,4 @@ GPT2_LAYOUT = ArchSpec(
     lm_head="lm_head",
 )
 
-SPECS = {"gpt2": GPT2_LAYOUT}
+FAMILIES = {"gpt2": Family(GPT2_LAYOUT)}

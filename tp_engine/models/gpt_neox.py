@@ -10,6 +10,7 @@ both read the layer input and are added together: one all-reduce per layer.
 """
 from typing import Any
 
+from .family import Family
 from .spec import ArchSpec
 
 GPT_NEOX_LAYOUT = ArchSpec(
@@ -31,4 +32,4 @@ def _for_config(config: Any) -> ArchSpec:
     return GPT_NEOX_LAYOUT.replace(parallel_block=bool(getattr(config, "use_parallel_residual", True)))
 
 
-SPECS = {"gpt_neox": GPT_NEOX_LAYOUT.replace(specialize=_for_config)}
+FAMILIES = {"gpt_neox": Family(GPT_NEOX_LAYOUT.replace(specialize=_for_config))}

@@ -12,6 +12,7 @@ so residual dropout sees full sums, as in the unsharded model.
 
 ``_split_heads`` reshapes with ``num_attention_heads`` (made rank-local).
 """
+from .family import Family
 from .spec import ArchSpec
 
 GPTJ_LAYOUT = ArchSpec(
@@ -27,4 +28,4 @@ GPTJ_LAYOUT = ArchSpec(
     parallel_block=True,
 )
 
-SPECS = {"gptj": GPTJ_LAYOUT}
+FAMILIES = {"gptj": Family(GPTJ_LAYOUT)}

@@ -7,17 +7,13 @@ Qwen3 and Gemma3 q/k norms act per head on ``head_dim`` (replicated);
 Gemma's scaled embedding keeps its scale; Gemma2/3 soft-capping acts on
 full (gathered) logits and per-head scores, both unaffected by the split.
 """
+from .family import Family
 from .spec import ArchSpec
 
 LLAMA_LAYOUT = ArchSpec(family="llama")
 
-# config.model_type -> spec. Only families proven by the parity tests.
-SPECS = {
-    "llama": LLAMA_LAYOUT,
-    "mistral": LLAMA_LAYOUT,
-    "qwen2": LLAMA_LAYOUT,
-    "qwen3": LLAMA_LAYOUT,
-    "gemma": LLAMA_LAYOUT,
-    "gemma2": LLAMA_LAYOUT,
-    "gemma3_text": LLAMA_LAYOUT,
+# config.model_type -> entry. Only families proven by the parity tests.
+FAMILIES = {
+    model_type: Family(LLAMA_LAYOUT)
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 }

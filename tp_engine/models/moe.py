@@ -12,7 +12,14 @@ MoE block's output, a sum of partial sums over experts (plus Qwen2-MoE's
 shared expert, sharded the same way, times its replicated sigmoid gate), is
 all-reduced once per block. Qwen2-MoE's dense layers (``mlp_only_layers``,
 ``decoder_sparse_step``) are ordinary gated MLPs.
+
+Checkpoints: ``save_pretrained`` and the Hub store the experts per expert
+(2-D tensors), and Mixtral's block is ``block_sparse_moe`` on disk. The
+``CheckpointLayout``s below restate transformers 5.x ``conversion_mapping.py``
+("mixtral", "qwen2_moe"), checked against tiny models saved by
+``save_pretrained`` (which writes these forms).
 """
+from .family import CheckpointLayout, ExpertStack, Family
 from .llama import LLAMA_LAYOUT
 
 MIXTRAL_LAYOUT = LLAMA_LAYOUT.replace(family="mixtral", moe_experts="experts")
@@ -23,4 +30,21 @@ QWEN2_MOE_LAYOUT = LLAMA_LAYOUT.replace(
     moe_gates=("shared_expert_gate",),
 )
 
-SPECS = {"mixtral": MIXTRAL_LAYOUT, "qwen2_moe": QWEN2_MOE_LAYOUT}
+MIXTRAL_CHECKPOINT = CheckpointLayout(
+    renames=((".block_sparse_moe.", ".mlp."),),
+    stacks=(
+        ExpertStack("experts.gate_up_proj", ("experts.{e}.w1.weight", "experts.{e}.w3.weight")),  # [gate | up]
+        ExpertStack("experts.down_proj", ("experts.{e}.w2.weight",)),
+    ),
+)
+QWEN2_MOE_CHECKPOINT = CheckpointLayout(
+    stacks=(
+        ExpertStack("experts.gate_up_proj", ("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight")),
+        ExpertStack("experts.down_proj", ("experts.{e}.down_proj.weight",)),
+    ),
+)
+
+FAMILIES = {
+    "mixtral": Family(MIXTRAL_LAYOUT, MIXTRAL_CHECKPOINT),
+    "qwen2_moe": Family(QWEN2_MOE_LAYOUT, QWEN2_MOE_CHECKPOINT),
+}

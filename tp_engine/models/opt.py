@@ -7,6 +7,7 @@ embedding (with its offset of 2) and the optional ``project_in`` /
 stay replicated; the token embedding is vocab-parallel at
 ``word_embed_proj_dim`` and tied to the LM head.
 """
+from .family import Family
 from .spec import ArchSpec
 
 OPT_LAYOUT = ArchSpec(
@@ -21,4 +22,4 @@ OPT_LAYOUT = ArchSpec(
     lm_head="lm_head",
 )
 
-SPECS = {"opt": OPT_LAYOUT}
+FAMILIES = {"opt": Family(OPT_LAYOUT)}

@@ -7,6 +7,7 @@ the rank-local head count; K/V widths come from the module's
 ``num_key_value_heads``. ``gate_up_proj`` is chunked in two halves: a rank
 takes its columns of the gate half and the same columns of the up half.
 """
+from .family import Family
 from .spec import ArchSpec
 
 PHI3_LAYOUT = ArchSpec(
@@ -19,4 +20,4 @@ PHI3_LAYOUT = ArchSpec(
     mlp_row="down_proj",
 )
 
-SPECS = {"phi3": PHI3_LAYOUT}
+FAMILIES = {"phi3": Family(PHI3_LAYOUT)}

@@ -148,6 +148,14 @@ class ArchSpec:
     # attention's q_proj holds [q_h | gate_h] per head (Qwen3-Next: 2 x head_dim).
     # 0 means head_dim.
     q_rows_per_head: int = 0
+    # RMS norms (paths under the attention module) over a whole q or k
+    # projection rather than one head (Olmo 2: q_norm over num_heads x
+    # head_dim, k_norm over num_kv_heads x head_dim, applied before the head
+    # reshape). Each is split like the rows it normalizes (its width says
+    # which: the Q rows or the KV rows, with the KV replication layout) and
+    # all-reduces its per-token sums of squares (``layers.HeadShardedRMSNorm``).
+    # Empty: no such norm (a norm of head_dim width needs nothing).
+    qk_norm_span: tuple[str, ...] = ()
     # The order of the ``mlp_stacked`` blocks in a stacked projection (STACKED_LAYOUTS).
     mlp_stacked_layout: str = "blocks"
     # Where an MoE layer's partial sums are all-reduced (MOE_REDUCE): "block",

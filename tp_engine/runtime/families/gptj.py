@@ -1,0 +1,80 @@
+"""GPT-J: parallel attention and MLP from one LayerNorm, interleaved partial rotary, one all-reduce.
+
+Checked against transformers 5.x ``modeling_gptj.py``: per block
+``x + out_proj(attn(ln_1(x))) + fc_out(act(fc_in(ln_1(x))))``, then ``ln_f``
+and an LM head with a bias. q/k/v/out_proj have no bias. Rotary embedding
+rotates the first ``rotary_dim`` dims of each head in pairs of adjacent dims
+(rotate_every_two) with the attention module's ``embed_positions`` buffer
+([sin | cos] per position), repeat-interleaved as HF does. The attention
+scale is ``1 / sqrt(head_dim)``; as in HF, 16-bit models compute the scores
+from float32 q and k.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..blocks import Attention
+from ..build import BuildContext, Parts, RuntimeUnsupported, activation
+from ..norms import norm_of
+from ._shared import biased_layer, find_base, plain_mlp, separate_qkv
+
+
+def build(model: nn.Module, ctx: BuildContext) -> Parts:
+    config = model.config
+    base = find_base(model, "transformer", "h", "GPT-J")
+    first = base.h[0].attn
+    hd = int(first.head_dim)
+    rd = getattr(first, "rotary_dim", None)
+    if rd is None:
+        # HF then builds embed_dim-wide tables that only broadcast for a single head.
+        raise RuntimeUnsupported("gptj with rotary_dim=None")
+    rd = int(rd)
+    if rd % 2 or not 0 < rd <= hd:
+        raise RuntimeUnsupported(f"gptj rotary_dim {rd} with head_dim {hd}")
+    table = first.embed_positions
+
+    def source(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(pos.max()) + 1 if pos.numel() else 0
+        t = table
+        if n > t.shape[0]:  # beyond max_positions: the same formula HF builds the buffer with
+            t = _sinusoids(n, t.shape[-1]).to(device=t.device, dtype=t.dtype)
+        sincos = t.to(pos.device)[pos].to(ctx.dtype)
+        sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+        return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+
+    rope = ctx.rope_from(source, "interleaved")
+
+    layers, kv_heads = [], []
+    for i, block in enumerate(base.h):
+        attn, mlp = block.attn, block.mlp
+        if int(attn.head_dim) != hd or int(attn.rotary_dim) != rd:
+            raise RuntimeUnsupported(f"layer {i}: head_dim or rotary_dim differs from layer 0")
+        mm_qkv, n_q, n_kv = separate_qkv(ctx, attn.q_proj, attn.k_proj, attn.v_proj, hd)
+        attention = Attention(
+            mm_qkv=mm_qkv,
+            n_q=n_q,
+            n_kv=n_kv,
+            head_dim=hd,
+            scaling=1.0 / float(attn.scale_attn) if hasattr(attn, "scale_attn") else 1.0 / math.sqrt(hd),
+            mm_o=ctx.matmul(attn.out_proj),
+            rope=rope,
+            upcast=ctx.dtype != torch.float32,  # HF's eager attention: q.k in float32
+        )
+        block_mlp = plain_mlp(ctx, mlp.fc_in, activation(mlp, config, "act"), mlp.fc_out)
+        # One LayerNorm feeds both the attention and the MLP (no mlp_norm).
+        layers.append(biased_layer(ctx, norm_of(block.ln_1), attention, attn.out_proj, block_mlp, mlp.fc_out, parallel=True))
+        kv_heads.append(n_kv)
+    return Parts(layers=layers, final_norm=norm_of(base.ln_f), kv_heads=kv_heads, head_dim=hd, ropes=[rope])
+
+
+def _sinusoids(num_pos: int, dim: int) -> torch.Tensor:
+    """transformers' ``create_sinusoidal_positions``: [sin | cos] per position, float32."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
+    angles = torch.arange(num_pos, dtype=torch.int64).float()[:, None] * inv_freq
+    return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1)
+
+
+BUILDERS = {"gptj": build}
