@@ -274,7 +274,11 @@ def test_per_head_parameters_follow_their_heads():
 
 REPLICATED = {
     # model type: (config, kwargs, the role kept whole, why)
-    "olmo2": ("Olmo2Config", {}, "attention", "q_norm"),  # normalizes q over all heads at once
+    # q/k LayerNorms with per-head weights (heads, head_dim): not head_dim-wide, not a plain RMS norm
+    # over the whole projection (Olmo 2's, which is split with the heads: test_olmo2.py).
+    "cohere": ("CohereConfig", {"use_qk_norm": True}, "attention", "q_norm"),
+    # ffn_sub_norm spans the MLP's columns; attn_sub_norm spans the Q heads' rows and is split with them.
+    "bitnet": ("BitNetConfig", {}, "mlp", "ffn_sub_norm"),
     "minicpm3": ("MiniCPM3Config", {}, "attention", "latent"),
     "codegen": ("CodeGenConfig", {}, "attention", "none of fused q/k/v layout"),  # mp_num-interleaved qkv
     "mllama": ("MllamaConfig", {}, "embedding", "328 rows"),  # 8 extra image-token rows
@@ -359,7 +363,6 @@ def test_a_layer_structure_the_tiny_copy_lacks_is_refused_by_the_guard():
 
 
 REFUSALS = {
-    "bitnet": ("BitNetConfig", {}, "nothing in the layers can be sharded"),  # sub-norms span heads and columns
     "mamba": ("MambaConfig", {}, "cannot read head counts"),  # no attention at all
     "jetmoe": ("JetMoeConfig", {}, "nothing in the layers can be sharded"),  # mixture of attention heads, own experts
     "whisper": ("WhisperConfig", {}, "no plan can be proven on a tiny copy"),  # transformers' own generate fails
@@ -376,7 +379,7 @@ def test_refuses_with_the_reason(name):
 
 
 def test_parallelize_refuses_an_unsafe_model_with_the_reason():
-    model = tiny_model(transformers.BitNetConfig())
+    model = tiny_model(transformers.JetMoeConfig())
 
     def fn(comm):
         return parallelize(model, comm=comm)

@@ -95,17 +95,17 @@ def test_parity_check_declared_and_auto(world, shares):
 
 
 def test_parity_check_reports_a_refusal():
-    # BitNet normalizes attention and MLP activations across all heads / columns
-    # (attn_sub_norm, ffn_sub_norm): nothing in a layer can be split, and a
-    # vocabulary-only plan is refused rather than passed off as tensor parallel.
-    report = parity_check(transformers.BitNetConfig(), 2)
+    # JetMoE mixes attention heads (its kv_proj is no q/k/v projection) and has
+    # its own experts: nothing in a layer can be split, and a vocabulary-only
+    # plan is refused rather than passed off as tensor parallel.
+    report = parity_check(transformers.JetMoeConfig(), 2)
     assert not report.ok and report.plan_source == "none"
     assert "nothing in the layers can be sharded" in report.reason and math.isnan(report.max_abs_diff)
-    assert "attn_sub_norm" in report.reason and "ffn_sub_norm" in report.reason
+    assert "kv_proj" in report.reason
 
 
 def test_parity_check_names_a_partial_plan():
-    report = parity_check(transformers.OlmoeConfig(), 2)  # q_norm over all heads: attention stays whole
+    report = parity_check(transformers.MiniCPM3Config(), 2)  # latent attention: stays whole
     assert report.ok, report.reason
     assert report.plan_source == "auto" and report.partial == "partial: attention replicated in 2/2 layers"
     assert report.plan == "auto (partial: attention replicated in 2/2 layers)"
@@ -216,14 +216,14 @@ def test_cli_check_auto_planned_config_only(tmp_path, capsys):
 
 
 def test_cli_check_refused_architecture(tmp_path, capsys):
-    folder = _save(tmp_path, transformers.BitNetConfig(), weights=False)
+    folder = _save(tmp_path, transformers.JetMoeConfig(), weights=False)
     assert main(["check", folder, "--tp", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "check failed" in err[0] and "nothing in the layers can be sharded" in err[0]
 
 
 def test_cli_check_says_what_a_partial_plan_keeps_whole(tmp_path, capsys):
-    folder = _save(tmp_path, transformers.OlmoeConfig(num_hidden_layers=3), weights=False)
+    folder = _save(tmp_path, transformers.MiniCPM3Config(num_hidden_layers=3), weights=False)
     assert main(["check", folder, "--tp", "2"]) == 0
     out = capsys.readouterr().out
     plan_line = next(line for line in out.splitlines() if line.startswith("world 2"))

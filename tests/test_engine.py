@@ -140,3 +140,13 @@ def test_bad_requests_are_refused_before_anything_runs():
         engine.add_request([5], SamplingParams(), request_id="a")
     assert not engine.cancel("nope")
     assert engine.request(rid).prompt == [5, 6] and not engine.running  # nothing ran yet
+
+
+def test_learned_positions_bound_requests():
+    """GPT-2 has 64 learned positions here: a request that would run past them is refused up front."""
+    engine = Engine(decoder_for(build("gpt2")))
+    with pytest.raises(ValueError, match="64 learned positions"):
+        engine.add_request([5] * 60, SamplingParams(max_new_tokens=8))
+    engine.add_request([5] * 56, SamplingParams(max_new_tokens=8))  # exactly 64: fine
+    while engine.has_unfinished:
+        engine.step()

@@ -684,9 +684,12 @@ class HeadShardedRMSNorm(nn.Module):
         if self.counted == ((0, self.local),):
             total = sq.sum(-1, keepdim=True)
         else:
-            total = xf.new_zeros(*xf.shape[:-1], 1)
+            # A mask, not slices: the sum stays in the autograd graph even on a rank
+            # counting nothing, so every rank's backward joins the all-reduce.
+            keep = torch.zeros(self.local, dtype=sq.dtype, device=sq.device)
             for a, b in self.counted:
-                total = total + sq.narrow(-1, a, b - a).sum(-1, keepdim=True)
+                keep[a:b] = 1.0
+            total = (sq * keep).sum(-1, keepdim=True)
         variance = sum_across_ranks(total, self.comm) / self.width
         xf = xf * torch.rsqrt(variance + self.variance_epsilon)
         if self.cast_first:

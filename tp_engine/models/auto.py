@@ -471,10 +471,11 @@ def _attention_extras(
                 continue  # a per-head norm (q_norm/k_norm over head_dim): replicated, unaffected
             span = {nq * hd: "Q", dims.num_kv_heads * hd: "KV"}.get(int(p.shape[0])) if p.dim() == 1 else None
             if span and "." not in name and rms_norm_form(m) is not None:
-                # A q/k norm over the whole projection (Olmo 2): split with the heads,
-                # one all-reduce of per-token sums of squares. Proven on a tiny copy.
+                # An RMS norm over the rows of all Q (or KV) heads: Olmo 2's q/k norms over the
+                # whole projection, BitNet's sub-norm of the attention output. Split with the
+                # heads, one all-reduce of per-token sums of squares; proven on a tiny copy.
                 span_norms.append(full)
-                assumed.append(f"{full} is an RMS norm over all {span} heads of its projection's output")
+                assumed.append(f"{full} is an RMS norm over the rows of all {span} heads (split with them)")
                 continue
             raise _Replicate(
                 f"{where}.{_join(attention, full, pname)} (shape {tuple(p.shape)}) acts on the attention's "

@@ -120,8 +120,9 @@ def rms_norm_form(norm: nn.Module) -> RMSNormForm | None:
         return None
     width = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(width, generator=gen).to(torch.bfloat16)
-    x = (3 * torch.randn(4, width, generator=gen)).to(torch.bfloat16)
+    # On the CPU explicitly: the planner may run under a meta default device (skeletons).
+    w = torch.randn(width, generator=gen, device="cpu").to(torch.bfloat16)
+    x = (3 * torch.randn(4, width, generator=gen, device="cpu")).to(torch.bfloat16)
     try:
         probe = copy.deepcopy(norm)
         probe = probe.to_empty(device="cpu") if weight.device.type == "meta" else probe.to("cpu")

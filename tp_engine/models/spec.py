@@ -151,10 +151,12 @@ class ArchSpec:
     # RMS norms (paths under the attention module) over a whole q or k
     # projection rather than one head (Olmo 2: q_norm over num_heads x
     # head_dim, k_norm over num_kv_heads x head_dim, applied before the head
-    # reshape). Each is split like the rows it normalizes (its width says
-    # which: the Q rows or the KV rows, with the KV replication layout) and
-    # all-reduces its per-token sums of squares (``layers.HeadShardedRMSNorm``).
-    # Empty: no such norm (a norm of head_dim width needs nothing).
+    # reshape; BitNet's attn_sub_norm over the attention output, also
+    # num_heads x head_dim rows). Each is split like the rows it normalizes
+    # (its width says which: the Q rows or the KV rows, with the KV
+    # replication layout) and all-reduces its per-token sums of squares
+    # (``layers.HeadShardedRMSNorm``). Empty: no such norm (a norm of
+    # head_dim width needs nothing).
     qk_norm_span: tuple[str, ...] = ()
     # The order of the ``mlp_stacked`` blocks in a stacked projection (STACKED_LAYOUTS).
     mlp_stacked_layout: str = "blocks"

@@ -135,7 +135,12 @@ class Attention:
             q, k = qn.view(T, self.n_q, self.head_dim), kn.view(T, self.n_kv, self.head_dim)
         if self.rope is not None:
             cos, sin = batch.rope_rows(self.rope)
-            if self.layout == "concat" and self.q_norm is None and self.qk_norm is None:  # q and k heads are adjacent: rotate them at once
+            if cos.dtype != q.dtype:
+                # A float32 table with 16-bit q/k (Olmo 2's rotary): rotate in float32, cast back, as HF does.
+                q = apply_rope(q.float(), cos, sin, self.rope.style).to(v.dtype)
+                k = apply_rope(k.float(), cos, sin, self.rope.style).to(v.dtype)
+            elif self.layout == "concat" and self.q_norm is None and self.qk_norm is None:
+                # q and k heads are adjacent: rotate them at once
                 nq = self.n_q
                 qk = apply_rope(qkv[:, : (nq + self.n_kv) * self.head_dim].view(qkv.shape[0], nq + self.n_kv, -1),
                                 cos, sin, self.rope.style)

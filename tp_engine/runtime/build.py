@@ -43,6 +43,8 @@ class Parts:
     # After the final norm, before the LM head (OPT's project_out).
     final_extra: Callable[[torch.Tensor], torch.Tensor] | None = None
     final_softcap: float | None = None
+    # Positions the model has embeddings for (learned position tables); None: unbounded (rotary, ALiBi).
+    max_positions: int | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..comm.base import Communicator, SingleProcessCommunicator
+from ..quantize import is_quantized
 from .blocks import Batch
 from .build import BuildContext, RuntimeUnsupported
 from .families import builder_for
@@ -100,6 +101,7 @@ class Decoder:
         self.layers = parts.layers
         self.final_norm, self.final_extra, self.embed_extra = parts.final_norm, parts.final_extra, parts.embed_extra
         self.ropes = parts.ropes
+        self.max_positions = parts.max_positions
         self.cache = SlotCache(len(self.layers), parts.kv_heads, parts.head_dim, self.dtype, self.device)
         self.vocab_size = self.vocab.vocab_size
         self.hidden = self.vocab.hidden
@@ -174,7 +176,9 @@ class Decoder:
 def decoder_for(model: nn.Module) -> Decoder:
     """The decoder cached on ``model``, rebuilt when the model's modules were swapped or quantized."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    key = (id(emb), id(head), id(comm_of(model)), id(getattr(head, "quant_method", None)))
+    # Re-sharding swaps the embeddings; quantizing layers in place changes their strategies.
+    quantized = sum(1 for m in model.modules() if is_quantized(m))
+    key = (id(emb), id(head), id(comm_of(model)), quantized)
     cached = model.__dict__.get("_tp_engine_decoder")
     if cached is None or cached[0] != key:
         cached = (key, Decoder(model))

@@ -123,6 +123,12 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
                 f"max_model_len {self.max_model_len}"
             )
+        limit = self.decoder.max_positions
+        if limit is not None and total > limit:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the "
+                f"model's {limit} learned positions"
+            )
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass tokenizer= to the engine (or to generate)")
         rid = next(self._ids) if request_id is None else request_id

@@ -10,7 +10,7 @@ from typing import Callable
 from torch import nn
 
 from ..build import BuildContext, Parts, RuntimeUnsupported
-from . import bloom, falcon, gpt2, gpt_neox, gptj, llama, moe, opt, phi3
+from . import bloom, falcon, gpt2, gpt_neox, gptj, llama, moe, olmo2, opt, phi3
 
 Builder = Callable[[nn.Module, BuildContext], Parts]
 
@@ -24,6 +24,7 @@ BUILDERS: dict[str, Builder] = {
     **opt.BUILDERS,
     **bloom.BUILDERS,
     **gptj.BUILDERS,
+    **olmo2.BUILDERS,
 }
 
 

@@ -49,7 +49,8 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         layers.append(biased_layer(ctx, norm_of(block.ln_1), attention, attn.c_proj, block_mlp, mlp.c_proj,
                                    mlp_norm=norm_of(block.ln_2)))
         kv_heads.append(n_q)
-    return Parts(layers=layers, final_norm=norm_of(base.ln_f), kv_heads=kv_heads, head_dim=head_dim, embed_extra=embed_extra)
+    return Parts(layers=layers, final_norm=norm_of(base.ln_f), kv_heads=kv_heads, head_dim=head_dim, embed_extra=embed_extra,
+                 max_positions=wpe.shape[0])
 
 
 BUILDERS = {"gpt2": build}

@@ -63,6 +63,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         head_dim=head_dim,
         embed_extra=embed_extra,
         final_extra=project_out,
+        max_positions=pos_w.shape[0] - offset,
     )
 
 
