@@ -29,4 +29,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/allreduce.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/load_memory.py

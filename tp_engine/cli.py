@@ -1,4 +1,4 @@
-"""``tp-engine generate | chat | bench | check``: the engine from a terminal.
+"""``tp-engine generate | chat | bench | serve | check``: the engine from a terminal.
 
 Works as a single process, with ``--nproc N`` (starts N local ranks itself),
 under ``torchrun --nproc-per-node N -m tp_engine ...`` and under
@@ -39,19 +39,20 @@ def parse_shares(text: str | None) -> list[float] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    common.add_argument("--dtype", choices=list(DTYPES), default="auto")
-    common.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
-    common.add_argument("--nproc", type=int, default=None, help="start this many local ranks")
-    common.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TP_ENGINE_BACKEND", "auto"))
-    common.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    base.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    base.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
+    base.add_argument("--nproc", type=int, default=None, help="start this many local ranks")
+    base.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TP_ENGINE_BACKEND", "auto"))
+    base.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    base.add_argument("--verbose", action="store_true", help="full tracebacks and debug logs")
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
     common.add_argument("--max-new-tokens", type=int, default=128)
     common.add_argument("--temperature", type=float, default=0.7)
     common.add_argument("--top-p", type=float, default=0.9)
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature/top-p)")
-    common.add_argument("--verbose", action="store_true", help="full tracebacks and debug logs")
     common.add_argument(
         "--draft", default=None, metavar="int8|int4|PATH",
         help="speculative decoding: int8/int4 = a quantized copy of the model (sharded like it), "
@@ -69,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="time to first token and decode speed")
     bench.add_argument("--prompt-tokens", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=3)
+    serve = sub.add_parser("serve", parents=[base], help="an OpenAI-compatible HTTP server (rank 0 listens)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("TP_ENGINE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $TP_ENGINE_API_KEY, else none)")
+    serve.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests that may wait for a batch place; more get 429 (default 64)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + completion in tokens (default: the model's context, at most 2048)")
+    serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens read per step, all requests together")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file or directory name)")
     check = sub.add_parser(
         "check", help="plan a model over N ranks and parity-check the plan on a tiny copy (reads no weights)"
     )
@@ -83,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     if args.nproc is not None and args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.command == "serve":
+        _validate_serve(args)
+    else:
+        _validate_generation(args)
+    shares = parse_shares(args.shares)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
+    if shares is not None and len(shares) != world:
+        raise UsageError(f"--shares has {len(shares)} entries but there are {world} ranks")
+
+
+def _validate_serve(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("max_batch", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key must not be empty")
+
+
+def _validate_generation(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.greedy and args.temperature <= 0:
@@ -99,10 +137,6 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--draft-rank {args.draft_rank} is not one of the {ranks} rank(s)")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    shares = parse_shares(args.shares)
-    world = args.nproc or int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
-    if shares is not None and len(shares) != world:
-        raise UsageError(f"--shares has {len(shares)} entries but there are {world} ranks")
 
 
 def _already_launched() -> bool:
@@ -277,7 +311,13 @@ def cmd_bench(args, rt, model, tokenizer) -> None:
         print(f"| {rt.world_size} | {args.prompt_tokens} | {n} | {1000 * statistics.median(ttft):.1f} | {tps:.2f} | {1000 / tps:.2f} |")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+def cmd_serve(args, rt, model, tokenizer, sock=None) -> int:
+    from .serve.server import serve
+
+    return serve(args, rt, model, tokenizer, sock)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def _bytes(n: float) -> str:
@@ -406,11 +446,16 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(threads))
     backend = None if args.backend == "auto" else args.backend
     rt = init(backend=backend, device=args.device)
+    extra = {}
+    if args.command == "serve" and rt.rank == 0:  # take the port before the (slow) load: a busy one fails at once
+        from .serve.server import bind
+
+        extra["sock"] = bind(args.host, args.port)
     t0 = time.perf_counter()
     model, tokenizer = _load(args, rt)
     _log(rt, f"loaded in {time.perf_counter() - t0:.1f} s on {rt.world_size} rank(s) ({rt.comm.name}, {rt.device})")
-    COMMANDS[args.command](args, rt, model, tokenizer)
+    code = COMMANDS[args.command](args, rt, model, tokenizer, **extra)
     if rt.rank == 0 and args.command == "generate":
         print(flush=True)
     shutdown()
-    return 0
+    return code or 0

@@ -2,7 +2,9 @@
 
 Rank 0 owns the terminal (stdin and stdout); every rank's stderr reaches
 this terminal prefixed with its rank, so an error anywhere is seen here. If
-a rank fails, the others are stopped and its exit code is returned.
+a rank fails, the others are stopped and its exit code is returned (a rank
+killed by a signal is named here). SIGTERM to the launcher stops every rank
+(SIGTERM, then SIGKILL after 5 s), as Ctrl-C does.
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ def _forward(stream, rank: int, out) -> None:
         out.write(prefix + line.decode(errors="replace"))
         out.flush()
     stream.close()
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the launcher: stop the ranks as for Ctrl-C (they would be orphaned otherwise)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def run_local_ranks(
@@ -66,12 +76,20 @@ def run_local_ranks(
         forwarders.append(t)
 
     code = 0
+    stop_on_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if stop_on_sigterm else None
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 rank, code = failed[0]
+                if code < 0:  # killed by a signal: it could not say so itself
+                    try:
+                        name = signal.Signals(-code).name
+                    except ValueError:
+                        name = f"signal {-code}"
+                    print(f"tp-engine: rank {rank} was killed by {name}; stopping the other ranks", file=sys.stderr, flush=True)
                 # Let the others print their own view, then stop them.
                 deadline = time.monotonic() + grace_s
                 while time.monotonic() < deadline and any(p.poll() is None for p in procs):
@@ -82,7 +100,11 @@ def run_local_ranks(
             time.sleep(0.05)
     except KeyboardInterrupt:
         code = 130
+    except _Terminated:
+        code = 143
     finally:
+        if stop_on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

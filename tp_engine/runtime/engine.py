@@ -243,7 +243,7 @@ class Engine:
         """Next token of each emitting request, in ``emitting`` order."""
         vocab = self.decoder.vocab
         chosen: dict[int, int] = {}
-        greedy = [(i, r) for i, r in emitting if not r.params.do_sample and not r.params.has_processors]
+        greedy = [(i, r) for i, r in emitting if not r.params.do_sample and not r.params.processes_at(len(r.tokens))]
         if greedy:
             rows = h[[i for i, _ in greedy]]
             tokens, emb = vocab.argmax(rows, with_embedding=True)
@@ -251,7 +251,7 @@ class Engine:
                 chosen[i] = token
                 if emb is not None:
                     req.carried = emb[j : j + 1]
-        topk = [(i, r) for i, r in emitting if r.params.do_sample and not r.params.has_processors
+        topk = [(i, r) for i, r in emitting if r.params.do_sample and not r.params.processes_at(len(r.tokens))
                 and 0 < r.params.top_k < vocab.vocab_size]
         for k in sorted({r.params.top_k for _, r in topk}):
             group = [(i, r) for i, r in topk if r.params.top_k == k]

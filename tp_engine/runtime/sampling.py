@@ -62,8 +62,18 @@ class SamplingParams:
 
     @property
     def has_processors(self) -> bool:
+        """Whether any processor may change the logits (then the row's full logits are gathered)."""
         return bool(
-            self.repetition_penalty != 1.0 or self.no_repeat_ngram_size or self.min_new_tokens or self.logits_processors
+            self.repetition_penalty != 1.0 or self.no_repeat_ngram_size or self.logits_processors
+            or (self.min_new_tokens and self.eos_token_ids)
+        )
+
+    def processes_at(self, generated: int) -> bool:
+        """``has_processors`` for the next token after ``generated`` new ones: the minimum-length
+        rule only suppresses EOS until it is met, so past it (or without an EOS) it costs nothing."""
+        return bool(
+            self.repetition_penalty != 1.0 or self.no_repeat_ngram_size or self.logits_processors
+            or (self.eos_token_ids and generated < self.min_new_tokens)
         )
 
     def processors(self, prompt_len: int) -> list[Any]:
