@@ -15,11 +15,12 @@ from torch import nn
 
 from tp_engine import check as check_mod
 from tp_engine.api import parallelize, resolve_spec
-from tp_engine.check import hypothesis_verdict, inferred_spec, parity_check, tiny_model
+from tp_engine.check import hypothesis_verdict, inferred_spec, parity_check
 from tp_engine.comm.threads import run_threads
 from tp_engine.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from tp_engine.models import REGISTRY
 from tp_engine.parallelize import describe_spec
+from tp_engine.tiny import tiny_model
 
 # Llama-like (and not so llama-like) families without a declared spec, and
 # what the planner must find in each. Config kwargs make the heads uneven.

@@ -8,10 +8,11 @@ import torch
 import transformers
 
 from tp_engine import check as check_mod
-from tp_engine.check import ParityReport, check_model, guard_auto_spec, inferred_spec, parity_check, tiny_config, tiny_model
+from tp_engine.check import ParityReport, check_model, guard_auto_spec, inferred_spec, parity_check
 from tp_engine.cli import main
 from tp_engine.models import REGISTRY
 from tp_engine.models.spec import ArchSpec
+from tp_engine.tiny import TINY_VOCAB, tiny_config, tiny_model
 
 # Persimmon fuses q/k/v per head ([q_h | k_h | v_h], the "grouped" layout). A
 # hand spec that reads the same weights as [all Q | all K | all V] ("concat")
@@ -40,7 +41,7 @@ def test_tiny_config_keeps_class_and_heads():
     assert (tiny.num_attention_heads, tiny.num_key_value_heads) == (12, 4)
     assert tiny.num_hidden_layers == 2
     assert tiny.head_dim == 16 and tiny.hidden_size == 12 * 16
-    assert tiny.intermediate_size < 1000 and tiny.vocab_size == check_mod.TINY_VOCAB
+    assert tiny.intermediate_size < 1000 and tiny.vocab_size == TINY_VOCAB
     assert tiny.max_position_embeddings <= 128
     for name in ("bos_token_id", "eos_token_id"):
         value = getattr(tiny, name)
@@ -63,7 +64,7 @@ def test_tiny_config_other_spellings_and_sub_configs():
     opt = tiny_config(transformers.OPTConfig())  # ffn_dim / word_embed_proj_dim
     assert opt.ffn_dim < 1000 and opt.word_embed_proj_dim <= opt.hidden_size
     composite = tiny_config(transformers.Gemma3Config())
-    assert composite.text_config.num_hidden_layers == 6 and composite.text_config.vocab_size == check_mod.TINY_VOCAB
+    assert composite.text_config.num_hidden_layers == 6 and composite.text_config.vocab_size == TINY_VOCAB
     assert composite.vision_config.num_hidden_layers == 2
     assert composite.image_token_id < composite.text_config.vocab_size
 

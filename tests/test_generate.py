@@ -213,7 +213,7 @@ def test_half_precision_tp1(dtype):
 def _auto_family_run(config, expect_runtime: bool):
     rt = tp_engine.init()
     torch.manual_seed(0)
-    model = tp_engine.check.tiny_model(config)
+    model = tp_engine.tiny.tiny_model(config)
     ids = torch.randint(1, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
     expected = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generation_config.eos_token_id = None

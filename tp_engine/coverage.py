@@ -35,7 +35,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from .check import parity_check, tiny_model
+from .check import parity_check
+from .tiny import tiny_model
 
 WORLDS = (2, 3)
 DEFAULT_TIMEOUT_S = 120.0

@@ -204,6 +204,8 @@ class ColumnParallelLinear(nn.Module):
     """``y_local = x @ W[rows].T + b[rows]``: each rank computes some outputs."""
 
     quant_method: MatmulMethod = FLOAT_LINEAR  # quantize() sets a quantized one per instance
+    # Whether the weight is stored (in, out), as HF's Conv1D does (the Conv1D subclasses below).
+    stores_in_out = False
 
     def __init__(
         self,
@@ -216,18 +218,21 @@ class ColumnParallelLinear(nn.Module):
     ):
         super().__init__()
         self.comm = comm
-        spec = ShardSpec(0, tuple((int(a), int(b)) for a, b in out_ranges))
+        ranges = tuple((int(a), int(b)) for a, b in out_ranges)
         self.in_features = in_features
-        self.out_features = spec.length()
-        self.weight = _new_param((self.out_features, in_features), None, dtype, device, spec)
-        self.bias = _new_param((self.out_features,), None, dtype, device, spec) if bias else None
+        self.out_features = ShardSpec(0, ranges).length()
+        out_dim = 1 if self.stores_in_out else 0
+        shape = (in_features, self.out_features) if self.stores_in_out else (self.out_features, in_features)
+        self.weight = _new_param(shape, None, dtype, device, ShardSpec(out_dim, ranges))
+        self.bias = _new_param((self.out_features,), None, dtype, device, ShardSpec(0, ranges)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, copy_to_parallel(x, self.comm), self.bias)
 
     def extra_repr(self) -> str:
+        what = "cols" if self.stores_in_out else "rows"
         return _with_method(
-            f"in={self.in_features}, out_local={self.out_features}, rows={self.weight.tp_shard.ranges}", self
+            f"in={self.in_features}, out_local={self.out_features}, {what}={self.weight.tp_shard.ranges}", self
         )
 
 
@@ -235,6 +240,7 @@ class RowParallelLinear(nn.Module):
     """``y = sum_ranks x_local @ W[:, cols].T``, then the (replicated) bias."""
 
     quant_method: MatmulMethod = FLOAT_LINEAR
+    stores_in_out = False  # as ColumnParallelLinear
 
     def __init__(
         self,
@@ -247,10 +253,11 @@ class RowParallelLinear(nn.Module):
     ):
         super().__init__()
         self.comm = comm
-        spec = ShardSpec(1, tuple((int(a), int(b)) for a, b in in_ranges))
+        spec = ShardSpec(0 if self.stores_in_out else 1, tuple((int(a), int(b)) for a, b in in_ranges))
         self.in_features = spec.length()
         self.out_features = out_features
-        self.weight = _new_param((out_features, self.in_features), None, dtype, device, spec)
+        shape = (self.in_features, out_features) if self.stores_in_out else (out_features, self.in_features)
+        self.weight = _new_param(shape, None, dtype, device, spec)
         self.bias = _new_param((out_features,), None, dtype, device, ShardSpec()) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,8 +266,9 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
+        what = "rows" if self.stores_in_out else "cols"
         return _with_method(
-            f"in_local={self.in_features}, out={self.out_features}, cols={self.weight.tp_shard.ranges}", self
+            f"in_local={self.in_features}, out={self.out_features}, {what}={self.weight.tp_shard.ranges}", self
         )
 
 
@@ -369,67 +377,18 @@ def copy_shard_(param: torch.Tensor, full: torch.Tensor, name: str = "parameter"
 # the column-parallel layer, input rows (dim 0) for the row-parallel one.
 
 
-class ColumnParallelConv1D(nn.Module):
+class ColumnParallelConv1D(ColumnParallelLinear):
     """``y_local = x @ W[:, cols] + b[cols]`` for a (in, out)-stored weight."""
 
     quant_method: MatmulMethod = FLOAT_CONV1D
-
-    def __init__(
-        self,
-        in_features: int,
-        out_ranges: Sequence[tuple[int, int]],
-        comm: Communicator,
-        bias: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ):
-        super().__init__()
-        self.comm = comm
-        ranges = tuple((int(a), int(b)) for a, b in out_ranges)
-        self.in_features = in_features
-        self.out_features = ShardSpec(1, ranges).length()
-        self.weight = _new_param((in_features, self.out_features), None, dtype, device, ShardSpec(1, ranges))
-        self.bias = _new_param((self.out_features,), None, dtype, device, ShardSpec(0, ranges)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, copy_to_parallel(x, self.comm), self.bias)
-
-    def extra_repr(self) -> str:
-        return _with_method(
-            f"in={self.in_features}, out_local={self.out_features}, cols={self.weight.tp_shard.ranges}", self
-        )
+    stores_in_out = True
 
 
-class RowParallelConv1D(nn.Module):
+class RowParallelConv1D(RowParallelLinear):
     """``y = sum_ranks x_local @ W[rows, :]``, then the (replicated) bias."""
 
     quant_method: MatmulMethod = FLOAT_CONV1D
-
-    def __init__(
-        self,
-        in_ranges: Sequence[tuple[int, int]],
-        out_features: int,
-        comm: Communicator,
-        bias: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ):
-        super().__init__()
-        self.comm = comm
-        spec = ShardSpec(0, tuple((int(a), int(b)) for a, b in in_ranges))
-        self.in_features = spec.length()
-        self.out_features = out_features
-        self.weight = _new_param((self.in_features, out_features), None, dtype, device, spec)
-        self.bias = _new_param((out_features,), None, dtype, device, ShardSpec()) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_parallel(self.quant_method.apply(self, x), self.comm)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return _with_method(
-            f"in_local={self.in_features}, out={self.out_features}, rows={self.weight.tp_shard.ranges}", self
-        )
+    stores_in_out = True
 
 
 # ------------------------------------------------------------ deferred reduction

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .check import tiny_model
 from .comm.base import SingleProcessCommunicator
 from .runtime import Decoder, RuntimeUnsupported
 from .runtime.families import is_declared
+from .tiny import tiny_model
 
 __all__ = ["runtime_problem"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..comm.base import Communicator
-from ..quantize import is_quantized
+from ..quant.layer import is_quantized
 from .blocks import Layer
 from .matmul import Matmul, fuse_rows, linear_weight, module_bias, module_matmul, weight_matmul
 from .norms import Norm

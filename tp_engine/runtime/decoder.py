@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..comm.base import Communicator, SingleProcessCommunicator
-from ..quantize import is_quantized
+from ..quant.layer import is_quantized
 from .blocks import Batch
 from .build import BuildContext, RuntimeUnsupported
 from .families import builder_for

@@ -5,9 +5,9 @@
   for all rows, and its results are bit-identical whatever the number of
   rows (so batched and speculative steps give exactly the numbers of
   stepping one sequence alone). More rows, other dtypes or devices: F.linear.
-* quantized layers (``tp_engine.quantize``): the layer's own strategy.
+* quantized layers (``tp_engine.quant.layer``): the layer's own strategy.
 * ``weight_bits`` (a draft's quantized copy): ``quantize_weight`` on the
-  float weight, with the one int4 group-size rule of ``tp_engine.quantize``.
+  float weight, with the one int4 group-size rule of ``tp_engine.quant.weights``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu_gemm
-from ..quantize import int4_group_size, is_quantized, layer_matmul, quantize_weight
+from ..quant.layer import is_quantized, layer_matmul
+from ..quant.weights import int4_group_size, quantize_weight
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,7 +51,7 @@ def weight_matmul(
 ) -> Matmul:
     """A float matmul, or (``bits`` 8 or 4) a quantized copy of ``w``.
 
-    int4 uses :func:`tp_engine.quantize.int4_group_size`; a width with no
+    int4 uses :func:`tp_engine.quant.weights.int4_group_size`; a width with no
     valid group (an uneven shard's odd width) falls back to int8 for that
     matrix. A draft wants speed: on an AVX2 CPU the AVX2 kernels are used.
     """
@@ -101,7 +102,7 @@ def fuse_rows(params: Sequence[torch.Tensor], in_place: bool = True) -> torch.Te
 
 def _is_conv1d(module: nn.Module) -> bool:
     """HF's Conv1D and tp-engine's parallel Conv1D store the weight (in, out)."""
-    return type(module).__name__ in ("Conv1D", "ColumnParallelConv1D", "RowParallelConv1D")
+    return bool(getattr(module, "stores_in_out", False)) or type(module).__name__ == "Conv1D"
 
 
 def linear_weight(module: nn.Module, in_place: bool = True) -> torch.Tensor:

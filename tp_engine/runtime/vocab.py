@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.base import Communicator
-from ..quantize import is_quantized
+from ..quant.layer import is_quantized
 from .matmul import linear_weight, module_bias, module_matmul
 
 __all__ = ["Vocab"]

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..blocks import Attention, GatedMLP, Layer, PlainMLP
 from ..build import BuildContext, RuntimeUnsupported, activation
-from ..matmul import Matmul, module_bias
+from ..matmul import module_bias
 from ..norms import Norm
 from ..rope import RopeTable
 
@@ -78,9 +78,13 @@ def in_cols(linear: nn.Module) -> int:
     return int(getattr(linear, "in_features", None) or linear.weight.shape[1])
 
 
-def separate_qkv(ctx: BuildContext, q: nn.Module, k: nn.Module, v: nn.Module, head_dim: int) -> tuple[Matmul, int, int]:
-    """One matmul for separate q/k/v projections (fused in place), and the Q and KV heads they hold."""
-    return ctx.fused([q, k, v]), out_rows(q) // head_dim, out_rows(k) // head_dim
+def separate_qkv_attention(ctx: BuildContext, attn: nn.Module, o_proj: nn.Module, head_dim: int, scaling: float,
+                           **variant: Any) -> Attention:
+    """Attention over separate ``attn.q_proj`` / ``k_proj`` / ``v_proj`` (fused into one matmul in
+    place) and ``o_proj``; ``variant``: the other :class:`Attention` fields (rope, norms, windows ...)."""
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    return Attention(mm_qkv=ctx.fused([q, k, v]), n_q=out_rows(q) // head_dim, n_kv=out_rows(k) // head_dim,
+                     head_dim=head_dim, scaling=scaling, mm_o=ctx.matmul(o_proj), **variant)
 
 
 def equal_qkv_heads(width: int, head_dim: int, what: str) -> int:

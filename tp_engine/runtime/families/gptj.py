@@ -16,10 +16,9 @@ import math
 import torch
 from torch import nn
 
-from ..blocks import Attention
 from ..build import BuildContext, Parts, RuntimeUnsupported, activation
 from ..norms import norm_of
-from ._shared import biased_layer, find_base, plain_mlp, separate_qkv
+from ._shared import biased_layer, find_base, plain_mlp, separate_qkv_attention
 
 
 def build(model: nn.Module, ctx: BuildContext) -> Parts:
@@ -52,21 +51,20 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         attn, mlp = block.attn, block.mlp
         if int(attn.head_dim) != hd or int(attn.rotary_dim) != rd:
             raise RuntimeUnsupported(f"layer {i}: head_dim or rotary_dim differs from layer 0")
-        mm_qkv, n_q, n_kv = separate_qkv(ctx, attn.q_proj, attn.k_proj, attn.v_proj, hd)
-        attention = Attention(
-            mm_qkv=mm_qkv,
-            n_q=n_q,
-            n_kv=n_kv,
-            head_dim=hd,
-            scaling=1.0 / float(attn.scale_attn) if hasattr(attn, "scale_attn") else 1.0 / math.sqrt(hd),
-            mm_o=ctx.matmul(attn.out_proj),
+        scaling = 1.0 / float(attn.scale_attn) if hasattr(attn, "scale_attn") else 1.0 / math.sqrt(hd)
+        attention = separate_qkv_attention(
+            ctx,
+            attn,
+            attn.out_proj,
+            hd,
+            scaling,
             rope=rope,
             upcast=ctx.dtype != torch.float32,  # HF's eager attention: q.k in float32
         )
         block_mlp = plain_mlp(ctx, mlp.fc_in, activation(mlp, config, "act"), mlp.fc_out)
         # One LayerNorm feeds both the attention and the MLP (no mlp_norm).
         layers.append(biased_layer(ctx, norm_of(block.ln_1), attention, attn.out_proj, block_mlp, mlp.fc_out, parallel=True))
-        kv_heads.append(n_kv)
+        kv_heads.append(attention.n_kv)
     return Parts(layers=layers, final_norm=norm_of(base.ln_f), kv_heads=kv_heads, head_dim=hd, ropes=[rope])
 
 

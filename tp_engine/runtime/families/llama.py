@@ -13,11 +13,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..blocks import Attention, Layer
+from ..blocks import Layer
 from ..build import BuildContext, Parts, RuntimeUnsupported
 from ..matmul import module_bias
 from ..norms import norm_of
-from ._shared import find_base, gated_mlp, rope_table, rotary_module, separate_qkv
+from ._shared import find_base, gated_mlp, rope_table, rotary_module, separate_qkv_attention
 
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 MlpBlock = Callable[[int, nn.Module, BuildContext], tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None]]
@@ -45,7 +45,6 @@ def build(model: nn.Module, ctx: BuildContext, mlp_block: MlpBlock | None = None
         if hd != head_dim:
             raise RuntimeUnsupported("layers with different head dims")
         o = attn.o_proj
-        mm_qkv, n_q, n_kv = separate_qkv(ctx, attn.q_proj, attn.k_proj, attn.v_proj, hd)
         q_norm = k_norm = None
         if getattr(attn, "q_norm", None) is not None:
             q_norm, k_norm = norm_of(attn.q_norm, gemma), norm_of(attn.k_norm, gemma)
@@ -54,13 +53,12 @@ def build(model: nn.Module, ctx: BuildContext, mlp_block: MlpBlock | None = None
             window = getattr(config, "sliding_window", None)
         # Gemma 2's score soft-capping; Gemma 3 has the field too, set to None.
         softcap = getattr(config, "attn_logit_softcapping", None)
-        attention = Attention(
-            mm_qkv=mm_qkv,
-            n_q=n_q,
-            n_kv=n_kv,
-            head_dim=hd,
-            scaling=float(attn.scaling),
-            mm_o=ctx.matmul(o),
+        attention = separate_qkv_attention(
+            ctx,
+            attn,
+            o,
+            hd,
+            float(attn.scaling),
             q_norm=q_norm,
             k_norm=k_norm,
             rope=tables[layer_types[i] if per_type else None],
@@ -89,7 +87,7 @@ def build(model: nn.Module, ctx: BuildContext, mlp_block: MlpBlock | None = None
                 mlp_sharded=mlp_block is not None or ctx.sharded(mlp.down_proj),
             )
         )
-        kv_heads.append(n_kv)
+        kv_heads.append(attention.n_kv)
     final_cap = getattr(config, "final_logit_softcapping", None)
     return Parts(
         layers=layers,

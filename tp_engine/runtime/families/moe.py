@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...quantize import is_quantized
+from ...quant.layer import is_quantized
 from ..blocks import MoE
 from ..build import BuildContext, Parts, RuntimeUnsupported, activation
 from ..matmul import module_bias

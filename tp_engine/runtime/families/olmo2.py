@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from ...layers import HeadShardedRMSNorm
-from ..blocks import Attention, Layer
+from ..blocks import Layer
 from ..build import BuildContext, Parts, RuntimeUnsupported
 from ..matmul import module_bias
 from ..norms import RMSNormWeightFirst, SpanQKNorm, norm_eps
-from ._shared import find_base, gated_mlp, rope_table, rotary_module, separate_qkv
+from ._shared import find_base, gated_mlp, rope_table, rotary_module, separate_qkv_attention
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -55,17 +55,8 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         head_dim = head_dim or hd
         if hd != head_dim:
             raise RuntimeUnsupported("layers with different head dims")
-        mm_qkv, n_q, n_kv = separate_qkv(ctx, attn.q_proj, attn.k_proj, attn.v_proj, hd)
-        attention = Attention(
-            mm_qkv=mm_qkv,
-            n_q=n_q,
-            n_kv=n_kv,
-            head_dim=hd,
-            scaling=float(attn.scaling),
-            mm_o=ctx.matmul(attn.o_proj),
-            rope=table,
-            qk_norm=_qk_norm(attn, ctx, i),
-        )
+        attention = separate_qkv_attention(ctx, attn, attn.o_proj, hd, float(attn.scaling), rope=table,
+                                           qk_norm=_qk_norm(attn, ctx, i))
         layers.append(
             Layer(
                 attn_norm=_identity,
@@ -81,7 +72,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
                 mlp_sharded=ctx.sharded(mlp.down_proj),
             )
         )
-        kv_heads.append(n_kv)
+        kv_heads.append(attention.n_kv)
     return Parts(
         layers=layers,
         final_norm=_norm(base.norm),

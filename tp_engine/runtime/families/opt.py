@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..blocks import Attention
 from ..build import BuildContext, Parts, RuntimeUnsupported, activation
 from ..norms import norm_of
-from ._shared import biased_layer, find_base, plain_mlp, separate_qkv
+from ._shared import biased_layer, find_base, plain_mlp, separate_qkv_attention
 
 
 def build(model: nn.Module, ctx: BuildContext) -> Parts:
@@ -42,19 +41,11 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         attn = layer.self_attn
         hd = int(attn.head_dim)
         head_dim = head_dim or hd
-        mm_qkv, n_q, n_kv = separate_qkv(ctx, attn.q_proj, attn.k_proj, attn.v_proj, hd)
-        attention = Attention(
-            mm_qkv=mm_qkv,
-            n_q=n_q,
-            n_kv=n_kv,
-            head_dim=hd,
-            scaling=float(attn.scaling),
-            mm_o=ctx.matmul(attn.out_proj),
-        )
+        attention = separate_qkv_attention(ctx, attn, attn.out_proj, hd, float(attn.scaling))
         block = plain_mlp(ctx, layer.fc1, activation(layer, config, "activation_fn"), layer.fc2)
         layers.append(biased_layer(ctx, norm_of(layer.self_attn_layer_norm), attention, attn.out_proj, block, layer.fc2,
                                    mlp_norm=norm_of(layer.final_layer_norm)))
-        kv_heads.append(n_kv)
+        kv_heads.append(attention.n_kv)
     final = decoder.final_layer_norm
     return Parts(
         layers=layers,
