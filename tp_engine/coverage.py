@@ -36,6 +36,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging as hf_logging
 
 from .check import parity_check
+from .comm.base import SingleProcessCommunicator
+from .runtime import Decoder, RuntimeUnsupported, unsupported_reason
+from .runtime_check import runtime_problem
 from .tiny import tiny_model
 
 WORLDS = (2, 3)
@@ -59,6 +62,7 @@ class Row:
     partial: str = ""  # what an auto plan replicates ("" for a full plan), see ParityReport.partial
     results: dict[int, Outcome] = field(default_factory=dict)
     seconds: float = 0.0
+    runtime: str = ""  # "" when the lean runtime decodes it, else why transformers' generate does
 
     @property
     def plan(self) -> str:
@@ -99,6 +103,18 @@ def _one_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def decode_path_problem(model: torch.nn.Module) -> str:
+    """"" when ``generate`` decodes this (tiny) model on the lean runtime, else why it uses transformers'."""
+    reason = unsupported_reason(model) or runtime_problem(model)
+    if reason:
+        return reason
+    try:
+        Decoder(model, SingleProcessCommunicator(), fuse_in_place=False)  # a family builder may still refuse
+    except RuntimeUnsupported as exc:
+        return str(exc).removeprefix("tp-engine runtime: ")
+    return ""
+
+
 def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
     """Build the tiny model of ``model_type`` and parity-check it at each world size."""
     start = time.perf_counter()
@@ -119,6 +135,10 @@ def check_architecture(model_type: str, worlds: Iterable[int] = WORLDS) -> Row:
         row.seconds = time.perf_counter() - start
         return row
     row.built = True
+    try:
+        row.runtime = decode_path_problem(model)
+    except Exception as exc:  # a row, never a crash of the walk
+        row.runtime = _one_line(f"{type(exc).__name__}: {exc}")
     for world in worlds:
         try:
             report = parity_check(config, world)
@@ -249,6 +269,11 @@ def summary(rows: Sequence[Row]) -> str:
     return f"{len(built)} built, {len(passed)} pass ({pct:.0f}%)"
 
 
+def on_runtime(rows: Sequence[Row]) -> int:
+    """Passing architectures that decode on the lean runtime."""
+    return sum(1 for r in rows if r.passed and not r.runtime)
+
+
 def by_plan_kind(rows: Sequence[Row]) -> dict[str, tuple[int, int]]:
     """Built architectures per plan kind: (how many, how many pass)."""
     built = [r for r in rows if r.built]
@@ -284,6 +309,11 @@ def to_markdown(rows: Sequence[Row], command: str = "python -m tp_engine.coverag
         f"auto-planner partial {kinds['auto partial'][0]} ({kinds['auto partial'][1]} pass), "
         f"none (refused) {kinds['none'][0]}.",
         "",
+        f"Decode path: {on_runtime(rows)} of the passing architectures decode on the lean runtime "
+        "(declared runtime families, and Llama-layout ones whose tiny copy reproduces transformers' logits "
+        "through it); the others decode through transformers' `generate` on the sharded model, for the "
+        "reason in the last column.",
+        "",
         "A *full* plan shards attention and MLP in every layer and the vocabulary. A *partial* plan "
         "shards what the planner recognises and keeps the rest whole on every rank (correct by "
         "construction, less speed-up); the plan column says what it keeps whole, counted on the tiny "
@@ -291,15 +321,16 @@ def to_markdown(rows: Sequence[Row], command: str = "python -m tp_engine.coverag
         "",
         f"Regenerate: `{command}`",
         "",
-        "| model_type | class | plan | TP=2 | TP=3 |",
-        "| --- | --- | --- | --- | --- |",
+        "| model_type | class | plan | TP=2 | TP=3 | decode path |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if not r.built:
             continue
         lines.append(
             f"| {r.model_type} | {r.model_class} | {_md(r.plan)} | "
-            f"{_md(_cell(r.results.get(2)))} | {_md(_cell(r.results.get(3)))} |"
+            f"{_md(_cell(r.results.get(2)))} | {_md(_cell(r.results.get(3)))} | "
+            f"{'runtime' if not r.runtime else 'transformers: ' + _md(_one_line(r.runtime, 160))} |"
         )
     not_built = [r for r in rows if not r.built]
     if not_built:
