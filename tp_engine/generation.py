@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .comm.base import Communicator
+from .comm.agree import check_same_tokens
 from .parallelize import synchronize_rng
 from .runtime import Engine, RuntimeUnsupported, SamplingParams, decoder_for, unsupported_reason
 from .runtime.decoder import comm_of
 from .runtime.sampling import eos_ids, synced_global_generator
 from .runtime_check import runtime_problem
+from .speculative import speculative_generate
 
 __all__ = ["generate", "runtime_arguments", "install_generate", "RuntimeUnsupported", "FastPathUnsupported"]
 
@@ -173,7 +174,7 @@ def run_call(model: nn.Module, call: _Call) -> torch.Tensor:
     """Decode every prompt of the call on the runtime; HF's output layout (input + new tokens, padded)."""
     decoder = decoder_for(model)
     if decoder.world > 1:
-        _check_same_input(call.padded, decoder.comm)
+        check_same_tokens(call.padded, decoder.comm, "tp_engine.generate")
     generator = None
     if call.params.do_sample and call.use_global_rng:
         generator = synced_global_generator(decoder.comm, decoder.device)
@@ -216,8 +217,6 @@ def generate(
     * Else HF's ``generate`` with every rank's sampler drawing rank 0's numbers.
     """
     if draft is not None or draft_rank is not None:
-        from .speculative import speculative_generate  # speculative builds on this module's runtime
-
         call, reason = runtime_arguments(model, input_ids, kwargs)
         if call is None:
             raise RuntimeUnsupported(f"speculative decoding runs on the runtime, which does not apply: {reason}")
@@ -242,7 +241,7 @@ def generate(
                           stacklevel=2)
     comm = comm_of(model)
     if comm is not None and comm.world_size > 1:
-        _check_same_input(input_ids, comm)
+        check_same_tokens(input_ids, comm, "tp_engine.generate")
         synchronize_rng(comm)
     hf_generate = model.__dict__.get("_tp_engine_hf_generate") or model.generate
     return hf_generate(input_ids, **kwargs)
@@ -262,14 +261,3 @@ def _generate_method(self: nn.Module, input_ids: torch.Tensor | None = None, **k
     if input_ids is None:
         return self.__dict__["_tp_engine_hf_generate"](**kwargs)
     return generate(self, input_ids, **kwargs)
-
-
-def _check_same_input(input_ids: torch.Tensor, comm: Communicator) -> None:
-    ids = input_ids.detach().to("cpu", torch.int64)
-    weights = torch.arange(1, ids.numel() + 1, dtype=torch.int64)
-    digest = torch.tensor([[ids.numel(), int((ids.flatten() * weights).sum())]], dtype=torch.int64)
-    everyone = comm.all_gather(digest.to(input_ids.device) if input_ids.device.type != "cpu" else digest, dim=0)
-    everyone = everyone.cpu()
-    bad = [r for r in range(comm.world_size) if not torch.equal(everyone[r], everyone[0])]
-    if bad:
-        raise ValueError(f"tp_engine.generate: ranks {bad} were given different input_ids than rank 0")

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .comm.agree import token_digest
 from .runtime import Decoder, RuntimeUnsupported, decoder_for
 from .runtime.sampling import eos_ids, shared_seed
 
@@ -151,11 +152,6 @@ def _fail_together(comm, error: Exception | None) -> None:
         raise RuntimeError(f"speculative decoding: rank {failed[0]} could not build its draft (see its error)")
 
 
-def _digest(ids: torch.Tensor) -> int:
-    w = torch.arange(1, ids.numel() + 1, dtype=torch.int64)
-    return int((ids.cpu().long().flatten() * w).sum()) * 1_000_003 + ids.numel()
-
-
 @torch.inference_mode()
 def speculative_generate(
     model: nn.Module,
@@ -236,7 +232,7 @@ def speculative_generate(
     if world > 1:
         code = {"num_draft_tokens": k, "draft_rank": -1 if draft_rank is None else int(draft_rank),
                 "placement": _PLACEMENTS.index(placement), "do_sample": int(bool(do_sample)),
-                "max_new_tokens": int(max_new_tokens), "prompt_digest": _digest(input_ids) % (1 << 62)}
+                "max_new_tokens": int(max_new_tokens), "prompt_digest": token_digest(input_ids)}
         _Round.check(comm, code, drafter is not None, -1 if drafter is None else drafter.vocab_size, placement, src)
 
     stats = SpeculativeStats(placement=placement)
