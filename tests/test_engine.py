@@ -6,7 +6,7 @@ while the others keep decoding; the batch holds at most six sequences, so
 some wait for a slot; one stops at an EOS, several at different lengths,
 one is cancelled. Each finished sequence's greedy tokens equal
 transformers' greedy ``generate`` of that prompt alone (the cancelled one:
-a prefix of it), at TP=1 and TP=2, for families whose attention differs
+a prefix of it), at TP=1, TP=2 and an uneven, KV-replicated TP=3, for families whose attention differs
 (GQA with RoPE, ALiBi, sliding windows with soft-capping, fused grouped
 q/k/v, MoE). Sampled requests with a seed draw what transformers draws
 after ``torch.manual_seed(seed)`` for that prompt alone, identically on
@@ -98,7 +98,7 @@ def results(world: int) -> list[dict]:
     return run_ranks(_drive_all, world, eos, world)
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])  # 3: uneven heads, and KV heads replicated (8 Q / 2 KV)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_sequences_match_transformers_alone(family, world):
     ref = references(family)

@@ -274,3 +274,32 @@ def test_quantized_layers_run_on_the_runtime(world, bits):
     quant_method: the same tokens as transformers' own generate over the same quantized layers."""
     results = [_quantized_run(bits)] if world == 1 else run_ranks(_quantized_run, world, bits)
     assert all(results)
+
+
+def test_stop_strings_stop_where_transformers_stops():
+    """``stop_strings`` (with ``tokenizer=``): the runtime stops at the token where transformers'
+    StopStringCriteria stops, for a stop string that ends inside a token and one spanning tokens."""
+    from tp_engine.loading import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(None)  # the bundled SmolLM2 tokenizer
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        pytest.skip(f"the bundled tokenizer is not available: {e}")
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=len(tokenizer), initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([tokenizer("The quick brown fox")["input_ids"]])
+    free = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    texts = [tokenizer.decode([t]) for t in free]
+    stops = [texts[6][-2:] if len(texts[6]) >= 2 else texts[6], texts[9] + texts[10]]
+    assert all(stop.strip() for stop in stops), f"pick other stop strings from {texts}"
+    for stop in stops:
+        call = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, stop_strings=[stop], tokenizer=tokenizer)
+        expected = model.generate(ids, **call)
+        got = tp_engine.generate(model, ids, fast_path=True, **call)
+        assert expected.shape[1] < ids.shape[1] + 24, f"transformers did not stop at {stop!r}"
+        assert torch.equal(got, expected), (stop, got[0, ids.shape[1]:].tolist(), expected[0, ids.shape[1]:].tolist())

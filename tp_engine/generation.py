@@ -128,7 +128,6 @@ def runtime_arguments(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[st
             if n == 0 or not bool(m[-n:].all()):
                 return None, "an attention_mask that is not left padding"
             prompts.append(row[-n:].tolist())
-    longest = max(len(p) for p in prompts)
     max_new = kwargs.get("max_new_tokens")
     if max_new is None and kwargs.get("max_length") is not None:
         max_new = int(kwargs["max_length"]) - input_ids.shape[1]
@@ -166,7 +165,6 @@ def runtime_arguments(model: nn.Module, input_ids: torch.Tensor, kwargs: dict[st
     streamer = kwargs.get("streamer")
     if streamer is not None and len(prompts) > 1:
         raise ValueError("a streamer takes one prompt (as in transformers); got a batch of %d" % len(prompts))
-    del longest
     return _Call(prompts, params, int(pad), input_ids, kwargs.get("tokenizer"), streamer, params.seed is None), ""
 
 

@@ -142,3 +142,12 @@ def biased_layer(
         parallel=parallel,
         reduce=ctx.reduce,
     )
+
+
+def layer_head_dim(attn: nn.Module, first: int | None) -> int:
+    """The attention module's head_dim, which must equal the first layer's (``first``; None for the
+    first layer): the KV cache holds one head size."""
+    hd = int(attn.head_dim)
+    if first is not None and hd != first:
+        raise RuntimeUnsupported(f"layers with different head dims ({first} and {hd})")
+    return hd

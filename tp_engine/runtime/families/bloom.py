@@ -19,7 +19,7 @@ from torch import nn
 from ..blocks import Attention
 from ..build import BuildContext, Parts, RuntimeUnsupported, activation
 from ..norms import norm_of
-from ._shared import biased_layer, equal_qkv_heads, find_base, out_rows, plain_mlp
+from ._shared import biased_layer, equal_qkv_heads, find_base, layer_head_dim, out_rows, plain_mlp
 
 
 def build(model: nn.Module, ctx: BuildContext) -> Parts:
@@ -39,8 +39,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
     layers, kv_heads, head_dim = [], [], None
     for i, block in enumerate(base.h):
         attn, mlp = block.self_attention, block.mlp
-        hd = int(attn.head_dim)
-        head_dim = head_dim or hd
+        hd = head_dim = layer_head_dim(attn, head_dim)
         n_q = equal_qkv_heads(out_rows(attn.query_key_value), hd, f"layer {i}: query_key_value")
         heads = _head_range(attn, n_q, total_heads)
         attention = Attention(

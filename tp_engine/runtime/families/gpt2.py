@@ -16,7 +16,7 @@ from torch import nn
 from ..blocks import Attention
 from ..build import BuildContext, Parts, RuntimeUnsupported, activation
 from ..norms import norm_of
-from ._shared import biased_layer, equal_qkv_heads, find_base, out_rows, plain_mlp
+from ._shared import biased_layer, equal_qkv_heads, find_base, layer_head_dim, out_rows, plain_mlp
 
 
 def build(model: nn.Module, ctx: BuildContext) -> Parts:
@@ -33,8 +33,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
     layers, kv_heads, head_dim = [], [], None
     for block in base.h:
         attn, mlp = block.attn, block.mlp
-        hd = int(attn.head_dim)
-        head_dim = head_dim or hd
+        hd = head_dim = layer_head_dim(attn, head_dim)
         n_q = equal_qkv_heads(out_rows(attn.c_attn), hd, "c_attn")
         attention = Attention(
             mm_qkv=ctx.matmul(attn.c_attn, bias=True),

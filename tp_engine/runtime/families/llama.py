@@ -17,7 +17,7 @@ from ..blocks import Layer
 from ..build import BuildContext, Parts, RuntimeUnsupported
 from ..matmul import module_bias
 from ..norms import norm_of
-from ._shared import find_base, gated_mlp, rope_table, rotary_module, separate_qkv_attention
+from ._shared import find_base, gated_mlp, layer_head_dim, rope_table, rotary_module, separate_qkv_attention
 
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 MlpBlock = Callable[[int, nn.Module, BuildContext], tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None]]
@@ -40,10 +40,7 @@ def build(model: nn.Module, ctx: BuildContext, mlp_block: MlpBlock | None = None
     layers, kv_heads, head_dim = [], [], None
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        hd = int(attn.head_dim)
-        head_dim = head_dim or hd
-        if hd != head_dim:
-            raise RuntimeUnsupported("layers with different head dims")
+        hd = head_dim = layer_head_dim(attn, head_dim)
         o = attn.o_proj
         q_norm = k_norm = None
         if getattr(attn, "q_norm", None) is not None:

@@ -19,7 +19,7 @@ from ..blocks import Layer
 from ..build import BuildContext, Parts, RuntimeUnsupported
 from ..matmul import module_bias
 from ..norms import RMSNormWeightFirst, SpanQKNorm, norm_eps
-from ._shared import find_base, gated_mlp, rope_table, rotary_module, separate_qkv_attention
+from ._shared import find_base, gated_mlp, layer_head_dim, rope_table, rotary_module, separate_qkv_attention
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +51,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
     layers, kv_heads, head_dim = [], [], None
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        hd = int(attn.head_dim)
-        head_dim = head_dim or hd
-        if hd != head_dim:
-            raise RuntimeUnsupported("layers with different head dims")
+        hd = head_dim = layer_head_dim(attn, head_dim)
         attention = separate_qkv_attention(ctx, attn, attn.o_proj, hd, float(attn.scaling), rope=table,
                                            qk_norm=_qk_norm(attn, ctx, i))
         layers.append(

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..build import BuildContext, Parts, RuntimeUnsupported, activation
 from ..norms import norm_of
-from ._shared import biased_layer, find_base, plain_mlp, separate_qkv_attention
+from ._shared import biased_layer, find_base, layer_head_dim, plain_mlp, separate_qkv_attention
 
 
 def build(model: nn.Module, ctx: BuildContext) -> Parts:
@@ -39,8 +39,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
     layers, kv_heads, head_dim = [], [], None
     for layer in decoder.layers:
         attn = layer.self_attn
-        hd = int(attn.head_dim)
-        head_dim = head_dim or hd
+        hd = head_dim = layer_head_dim(attn, head_dim)
         attention = separate_qkv_attention(ctx, attn, attn.out_proj, hd, float(attn.scaling))
         block = plain_mlp(ctx, layer.fc1, activation(layer, config, "activation_fn"), layer.fc2)
         layers.append(biased_layer(ctx, norm_of(layer.self_attn_layer_norm), attention, attn.out_proj, block, layer.fc2,

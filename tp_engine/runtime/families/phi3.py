@@ -11,9 +11,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..blocks import Attention, GatedMLP
-from ..build import BuildContext, Parts, RuntimeUnsupported, activation
+from ..build import BuildContext, Parts, activation
 from ..norms import norm_of
-from ._shared import biased_layer, find_base, fused_qkv_heads, rope_table, rotary_module
+from ._shared import biased_layer, find_base, fused_qkv_heads, layer_head_dim, rope_table, rotary_module
 
 
 def build(model: nn.Module, ctx: BuildContext) -> Parts:
@@ -24,10 +24,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
     layers, kv_heads, head_dim = [], [], None
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        hd = int(attn.head_dim)
-        head_dim = head_dim or hd
-        if hd != head_dim:
-            raise RuntimeUnsupported("layers with different head dims")
+        hd = head_dim = layer_head_dim(attn, head_dim)
         qkv, o = attn.qkv_proj, attn.o_proj
         n_q, n_kv = fused_qkv_heads(qkv, o, hd)
         attention = Attention(
