@@ -217,12 +217,14 @@ def run_threads(
     context-scoped settings reach every rank. If a rank raises, the group is
     aborted (peers in collectives are released) and the first exception is
     re-raised here, noted with its rank. If the ranks are not done after
-    ``timeout`` seconds (default: that of the group), a TimeoutError is raised;
+    ``timeout`` seconds (default: twice the group's barrier wait plus a second, so
+    that a barrier timing out is reported as such and not raced by this limit),
+    a TimeoutError is raised;
     the threads are daemons, so a rank stuck outside any collective cannot keep
     the process alive.
     """
     group = ThreadGroup(world_size, timeout=barrier_timeout)
-    limit = group.timeout if timeout is None else float(timeout)
+    limit = 2 * group.timeout + 1.0 if timeout is None else float(timeout)
     results: list[Any] = [None] * world_size
     errors: list[tuple[int, BaseException]] = []
     errors_lock = threading.Lock()
