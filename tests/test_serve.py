@@ -369,6 +369,41 @@ def test_stop_string_cuts_the_answer(server, reference):
     assert text == r.choices[0].message.content
 
 
+def test_logprobs_are_the_models_own(server, smollm2):
+    """Each greedy token's logprob and its top alternatives equal transformers' log-softmax (one process)."""
+    import torch
+
+    from tp_engine.serve.protocol import chat_prompt_ids
+
+    hf, tok = smollm2
+    r = _chat(server.client(), PROMPT, 8, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": PROMPT}])
+    generated = tok(r.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    assert len(content) == r.usage.completion_tokens and len(content) >= len(generated) > 0
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    for i, entry in enumerate(content[: len(generated)]):
+        assert entry.token == tok.decode([generated[i]])
+        # logits agree within 1e-4 (the parity standard); a log-softmax adds the error of its normalizer.
+        assert abs(entry.logprob - expected[i, generated[i]].item()) < 2e-4
+        top = torch.topk(expected[i], 3)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([j]) for j in top.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=2e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely
+    streamed = [c for c in _chat(server.client(), PROMPT, 8, logprobs=True, top_logprobs=3, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for c in streamed for e in c.choices[0].logprobs.content] == \
+        pytest.approx([e.logprob for e in content], abs=1e-6)
+    c = server.client().completions.create(model=MODEL, prompt="The three primary colors are", max_tokens=5,
+                                           temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == c.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(top) == 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
 def test_seeded_sampling_repeats(server):
     client = server.client()
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=10,
@@ -497,6 +532,9 @@ BAD_REQUESTS = {
     "top_p 0": ("/v1/chat/completions", _body(top_p=0), 400),
     "n 2": ("/v1/chat/completions", _body(n=2), 400),
     "stop not strings": ("/v1/chat/completions", _body(stop=[1]), 400),
+    "top_logprobs without logprobs": ("/v1/chat/completions", _body(top_logprobs=2), 400),
+    "top_logprobs above 20": ("/v1/chat/completions", _body(logprobs=True, top_logprobs=21), 400),
+    "logprobs not a boolean": ("/v1/chat/completions", _body(logprobs=3), 400),
 }
 
 

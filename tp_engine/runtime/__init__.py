@@ -9,7 +9,7 @@ and a server drive.
 """
 from .build import RuntimeUnsupported
 from .decoder import Decoder, decoder_for, unsupported_reason
-from .engine import Engine, Request, StepOutput
+from .engine import Engine, Request, StepOutput, TokenLogprob
 from .sampling import SamplingParams
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "RuntimeUnsupported",
     "SamplingParams",
     "StepOutput",
+    "TokenLogprob",
     "decoder_for",
     "unsupported_reason",
 ]

@@ -30,7 +30,7 @@ import torch
 from .decoder import Decoder
 from .sampling import SamplingParams, choose_from_logits, sample_from_top_k, shared_seed
 
-__all__ = ["Engine", "Request", "StepOutput"]
+__all__ = ["Engine", "Request", "StepOutput", "TokenLogprob"]
 
 
 @dataclass
@@ -57,6 +57,15 @@ class Request:
         return len(self.prompt) + len(self.tokens)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model, and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+
+
 @dataclass
 class StepOutput:
     """What one step produced for one request."""
@@ -65,6 +74,7 @@ class StepOutput:
     new_tokens: list[int]
     finished: bool
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
 
 
 class Engine:
@@ -203,13 +213,34 @@ class Engine:
                     continue  # more prompt to read
             emitting.append((i, req))
         produced = self._choose(h, emitting)
+        logprobs = self._logprobs(h, emitting, produced)
         for req, token in produced:
             req.tokens.append(token)
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(StepOutput(req.id, [token], req.finished, req.finish_reason))
+            lp = logprobs.get(id(req))
+            outputs.append(StepOutput(req.id, [token], req.finished, req.finish_reason, None if lp is None else [lp]))
         return outputs
+
+    def _logprobs(self, h: torch.Tensor, emitting: list[tuple[int, Request]],
+                  produced: list[tuple[Request, int]]) -> dict[int, TokenLogprob]:
+        """Log-probabilities for the requests that asked (keyed by ``id(request)``).
+
+        Their rows' full logits are gathered once (a collective: every rank has
+        the same requests, so every rank takes part); the others cost nothing.
+        """
+        asking = [(i, req, token) for (i, req), (_, token) in zip(emitting, produced) if req.params.logprobs is not None]
+        if not asking:
+            return {}
+        logp = torch.log_softmax(self.decoder.vocab.full_logits(h[[i for i, _, _ in asking]]).float(), dim=-1).cpu()
+        out = {}
+        for row, (_, req, token) in zip(logp, asking):
+            k = req.params.logprobs
+            top = torch.topk(row, k) if k else None
+            pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+            out[id(req)] = TokenLogprob(token, float(row[token]), pairs)
+        return out
 
     def _admit(self, outputs: list[StepOutput]) -> None:
         while self.waiting and len(self.running) < self.max_batch:

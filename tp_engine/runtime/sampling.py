@@ -25,7 +25,9 @@ from transformers import (
 
 from ..comm.base import Communicator
 
-__all__ = ["SamplingParams", "eos_ids", "shared_seed", "synced_global_generator"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "eos_ids", "shared_seed", "synced_global_generator"]
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 @dataclass
@@ -44,6 +46,9 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()  # needs the engine's tokenizer
     logits_processors: tuple[Any, ...] = field(default=(), compare=False)  # HF LogitsProcessor objects
+    # Report each new token's log-probability and this many alternatives (None: off). The model's
+    # own distribution (log-softmax of its logits, before penalties, temperature, top-k or top-p).
+    logprobs: int | None = None
 
     def validate(self) -> None:
         """A ValueError naming the first bad setting."""
@@ -59,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
             raise ValueError("no_repeat_ngram_size and min_new_tokens must be >= 0")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def has_processors(self) -> bool:

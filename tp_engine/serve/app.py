@@ -20,7 +20,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import CONTENT_TYPE
-from .protocol import APIError, Completion, Limits, TextStream, chunk_body, parse_request, response_body, usage
+from .protocol import (
+    APIError,
+    Completion,
+    Limits,
+    TextStream,
+    chunk_body,
+    logprobs_body,
+    parse_request,
+    response_body,
+    usage,
+)
 from .scheduler import Scheduler, Sequence
 
 __all__ = ["create_app"]
@@ -127,37 +137,43 @@ def create_app(scheduler: Scheduler, tokenizer: Any, limits: Limits, *, api_key:
         finally:
             scheduler.cancel(seq)  # no-op once finished
 
-    async def pieces(req: Completion, seq: Sequence) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(new text, finish reason or None, tokens so far) as the engine produces them."""
+    async def pieces(req: Completion, seq: Sequence) -> AsyncIterator[tuple[str, str | None, int, list]]:
+        """(new text, finish reason or None, tokens so far, the new tokens' logprobs) as the engine produces them."""
         text = TextStream(tokenizer, req.stop)
         while True:
             event = await seq.events.get()
             if event[0] == "error":
                 raise event[1]
-            _, tokens, finish = event
+            _, tokens, finish, logprobs = event
+            if text.stopped:  # tokens past a stop string: neither text nor logprobs
+                logprobs = None
             delta = text.add(tokens, final=finish is not None)
             if text.stopped:
                 if finish is None:  # a stop string the engine's own check did not see (special tokens)
                     scheduler.cancel(seq, outcome="stop")
                 finish = "stop"
-            yield delta, (None if finish is None else "length" if finish == "length" else "stop"), len(text.tokens)
+            finish = None if finish is None else "length" if finish == "length" else "stop"
+            yield delta, finish, len(text.tokens), logprobs or []
             if finish is not None:
                 return
 
     async def collect(req: Completion, seq: Sequence) -> dict[str, Any]:
-        parts, finish, n = [], "stop", 0
-        async for delta, finish, n in pieces(req, seq):
+        parts, finish, n, entries = [], "stop", 0, []
+        async for delta, finish, n, logprobs in pieces(req, seq):
             parts.append(delta)
-        return response_body(req, limits.model_id, "".join(parts), finish, n)
+            entries.extend(logprobs)
+        return response_body(req, limits.model_id, "".join(parts), finish, n, logprobs_body(req, tokenizer, entries))
 
     async def stream(req: Completion, seq: Sequence) -> AsyncIterator[str]:
         try:
             if req.chat:
                 yield _sse(chunk_body(req, limits.model_id, None, None, first=True))
-            n = 0
-            async for delta, finish, n in pieces(req, seq):
-                if delta or finish:
-                    yield _sse(chunk_body(req, limits.model_id, delta, finish))
+            n, sent = 0, 0
+            async for delta, finish, n, logprobs in pieces(req, seq):
+                if delta or finish or logprobs:
+                    lp = logprobs_body(req, tokenizer, logprobs, sent)
+                    yield _sse(chunk_body(req, limits.model_id, delta, finish, logprobs=lp))
+                    sent += len(delta)
             if req.include_usage:
                 yield _sse(chunk_body(req, limits.model_id, None, None, usage_counts=usage(len(req.prompt), n)))
             yield "data: [DONE]\n\n"

@@ -37,7 +37,7 @@ FRAME = 4096
 _HEADER = 8
 _PARAM_FIELDS = {
     "max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int, "top_p": float,
-    "seed": int, "eos_token_ids": tuple, "stop_strings": tuple,
+    "seed": int, "eos_token_ids": tuple, "stop_strings": tuple, "logprobs": int,
 }
 
 

@@ -21,14 +21,13 @@ __all__ = [
     "Limits",
     "TextStream",
     "chat_prompt_ids",
+    "logprobs_body",
     "parse_request",
     "usage",
 ]
 
 # Fields that change what OpenAI would return and that this server does not implement: refused, not ignored.
 _UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -41,6 +40,7 @@ _UNSUPPORTED = {
 }
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = {True: 20, False: 5}  # alternatives per token OpenAI allows: chat, legacy completions
 
 
 class APIError(Exception):
@@ -78,6 +78,7 @@ class Completion:
     stream: bool = False
     include_usage: bool = False
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # alternatives per token to report (0: only the chosen token); None: off
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -220,6 +221,7 @@ def parse_request(body: Any, tokenizer: Any, limits: Limits, *, chat: bool) -> C
     if not isinstance(ignore_eos, bool):
         raise _bad(f"ignore_eos must be a boolean, got {ignore_eos!r}", "ignore_eos", "invalid_type")
 
+    logprobs = _logprobs(body, chat)
     prompt = _prompt(body, tokenizer, chat)
     room = limits.max_model_len - len(prompt)
     if room < 1:
@@ -251,8 +253,65 @@ def parse_request(body: Any, tokenizer: Any, limits: Limits, *, chat: bool) -> C
         seed=(seed if seed is not None else secrets.randbits(63)) if sample else None,
         eos_token_ids=[] if ignore_eos else list(limits.eos_token_ids),
         stop_strings=list(stop),
+        logprobs=logprobs,
     )
-    return Completion(chat, prompt, params, stream, include_usage and stream, stop)
+    return Completion(chat, prompt, params, stream, include_usage and stream, stop, logprobs)
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Alternatives per token the request asks for, None when it asks for no log-probabilities.
+
+    Chat: ``logprobs`` (a boolean) and ``top_logprobs`` (0..20, only with
+    ``logprobs: true``). Completions: ``logprobs`` (an integer 0..5).
+    """
+    limit = MAX_TOP_LOGPROBS[chat]
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise _bad(f"logprobs must be a boolean, got {wanted!r}", "logprobs", "invalid_type")
+        top = _integer(body, "top_logprobs")
+        if top is not None and not wanted:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+        if not wanted:
+            return None
+        name = "top_logprobs"
+        top = 0 if top is None else top
+    else:
+        name, top = "logprobs", _integer(body, "logprobs")
+        if top is None:
+            return None
+    if not 0 <= top <= limit:
+        raise _bad(f"{name} must be in [0, {limit}], got {top}", name, "invalid_value")
+    return top
+
+
+def logprobs_body(req: Completion, tokenizer: Any, entries: list[Any], text_offset: int = 0) -> dict | None:
+    """OpenAI's ``logprobs`` object for ``entries`` (runtime TokenLogprob values), or None when not asked.
+
+    Chat: ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions:
+    ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``text_offset``:
+    where the first token's text starts in the completion).
+    """
+    if req.logprobs is None:
+        return None
+
+    def text(token: int) -> str:
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    if req.chat:
+        def item(token: int, logprob: float) -> dict:
+            t = text(token)
+            return {"token": t, "logprob": logprob, "bytes": list(t.encode("utf-8"))}
+
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+    tokens = [text(e.token) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(text_offset)
+        text_offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
 
 class TextStream:
@@ -303,31 +362,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response_body(req: Completion, model_id: str, text: str, finish_reason: str, completion_tokens: int) -> dict:
+def response_body(req: Completion, model_id: str, text: str, finish_reason: str, completion_tokens: int,
+                  logprobs: dict | None = None) -> dict:
     """The non-streamed answer."""
     if req.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
         kind, prefix = "chat.completion", "chatcmpl-"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         kind, prefix = "text_completion", "cmpl-"
     return {"id": prefix + req.id, "object": kind, "created": req.created, "model": model_id, "choices": [choice],
             "usage": usage(len(req.prompt), completion_tokens)}
 
 
 def chunk_body(req: Completion, model_id: str, text: str | None, finish_reason: str | None,
-               *, first: bool = False, usage_counts: dict | None = None) -> dict:
+               *, first: bool = False, usage_counts: dict | None = None, logprobs: dict | None = None) -> dict:
     """One streamed chunk; ``usage_counts`` makes it the closing usage chunk (no choices)."""
     if req.chat:
         kind, prefix = "chat.completion.chunk", "chatcmpl-"
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         kind, prefix = "text_completion", "cmpl-"
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     body = {"id": prefix + req.id, "object": kind, "created": req.created, "model": model_id,
             "choices": [] if usage_counts is not None else [choice]}
     if req.include_usage:

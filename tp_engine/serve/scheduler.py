@@ -35,7 +35,8 @@ class Sequence:
     prompt: list[int]
     params: dict[str, Any]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("tokens", ids, finish) | ("error", APIError)
+    # ("tokens", ids, finish, logprobs or None) | ("error", APIError)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
     generated: int = 0
@@ -151,7 +152,8 @@ class Scheduler:
                     del self._live[out.request_id]
                     seq.done = True
                     m.requests.labels(out.finish_reason or "stop").inc()
-                events.append((seq, ("tokens", list(out.new_tokens), out.finish_reason if out.finished else None)))
+                events.append((seq, ("tokens", list(out.new_tokens), out.finish_reason if out.finished else None,
+                                     out.logprobs)))
             m.running.set(len(engine.running))
             m.queue_depth.set(len(engine.waiting) + len(self._inbox))
         self._deliver(events)
