@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= What is tensor parallelism? Answer in two sentences.
 
-.PHONY: setup run test bench models
+.PHONY: setup run test bench models bench-llamacpp
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/load_memory.py
+
+# tp-engine vs llama.cpp on the real Qwen2.5-Coder-1.5B Q4_K_M (a quiet machine, ~15 min).
+# llama-cpp-python is a source build (cmake, several minutes): installed here, not by `make test`.
+bench-llamacpp: models
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) benchmarks/vs_llamacpp.py
