@@ -1,0 +1,159 @@
+"""Time tp_engine.kernels.gguf_gemm on Qwen2.5-1.5B-shaped GGUF weights against float32 torch.
+
+For each format (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K), weight shape
+(N x K = 1536 x 1536: q/o projections; 8960 x 1536: gate / up) and M rows of
+x: µs per :func:`gguf_matmul` call, the weight bytes it streams and the rate
+(GB/s = weight bytes / time), next to torch float32 ``F.linear`` on the same
+shape (4 bytes a weight) and a plain read of the same bytes (``torch.sum``
+over a uint8 view would not vectorise well, so: float32 ``sum`` of the same
+number of bytes).
+
+Weights stream from memory as in decode: every call uses the next of enough
+distinct copies to fill ``--ring-mib`` (default 1024 MiB: this VM reports a
+480 MiB L3; use less with --quick, which then measures cache, not DRAM).
+One thread. Each number is the median of the calls of the best of
+``--rounds`` rounds that interleave the methods (the machine is shared).
+
+``--cpu-time`` times with the thread's CPU clock instead of the wall clock:
+on a machine busy with other work it leaves out the time the thread waited
+for a core (not the slowdown from shared caches and memory); say which
+clock with any number.
+
+``--prefill`` also times M = 16..512 with the direct kernels against
+dequantize-then-torch-matmul (the switch DEQUANT_MIN_ROWS in gguf_gemm.py).
+
+    python benchmarks/gguf_gemm.py [--quick] [--rounds 3] [--ring-mib 1024] [--cpu-time] [--prefill]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tp_engine.kernels import gguf_gemm as G  # noqa: E402
+
+FORMATS = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+SHAPES = [(1536, 1536), (8960, 1536)]
+MS = [1, 4, 16]
+
+
+def random_blocks(qtype: int, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
+    """Valid blocks: random bytes with small, finite float16 scales where the format keeps them."""
+    qk, qb = G.block_shape(qtype)
+    raw = gen.integers(0, 256, (n, k // qk, qb), dtype=np.uint8)
+
+    def f16(at: int) -> None:
+        raw[..., at:at + 2] = gen.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16).view(np.uint8).reshape(
+            raw.shape[:2] + (2,))
+
+    for at in {2: [0], 3: [0, 2], 6: [0], 8: [0], 12: [0, 2], 13: [0, 2], 14: [208]}[qtype]:
+        f16(at)
+    return torch.from_numpy(raw.reshape(n, -1))
+
+
+def ring(make, nbytes: int, ring_bytes: int) -> list:
+    return [make() for _ in range(max(2, -(-ring_bytes // max(nbytes, 1))))]
+
+
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time
+
+
+def median_us(fn, items: list, reps: int) -> float:
+    times = []
+    for i in range(reps):
+        it = items[i % len(items)]
+        t0 = CLOCK()
+        fn(it)
+        times.append(CLOCK() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small ring (cache-resident), few reps: a smoke test")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ring-mib", type=int, default=None)
+    ap.add_argument("--prefill", action="store_true", help="also time M up to 512 (direct vs dequant + matmul)")
+    ap.add_argument("--formats", default=",".join(FORMATS.values()))
+    ap.add_argument("--cpu-time", action="store_true", help="thread CPU time instead of wall time (busy machines)")
+    args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.thread_time
+    torch.set_num_threads(1)
+    ring_bytes = (args.ring_mib or (32 if args.quick else 1024)) << 20
+    reps = 10 if args.quick else 40
+    rounds = 1 if args.quick else args.rounds
+    gen = np.random.default_rng(0)
+    wanted = {v for v in args.formats.split(",")}
+    print(f"gguf_gemm kernel: {G.kernel_name()}; ring {ring_bytes >> 20} MiB; {time.strftime('%Y-%m-%d %H:%M')}; "
+          f"one thread; {'thread CPU time' if args.cpu_time else 'wall time'}"
+          f"{' (QUICK: cache-resident, not DRAM numbers)' if args.quick else ''}\n")
+    rows = []
+    for n, k in SHAPES:
+        f32s = ring(lambda n=n, k=k: torch.randn(n, k), 4 * n * k, ring_bytes)
+        xs = {m: torch.randn(m, k) for m in MS}
+        base = {}
+        for m in MS:
+            best = min(median_us(lambda w, m=m: F.linear(xs[m], w), f32s, reps) for _ in range(rounds))
+            base[m] = best
+        read = min(median_us(lambda w: w.sum(), f32s, reps) for _ in range(rounds))
+        rows.append((f"{n}x{k}", "f32 torch", 4 * n * k, [base[m] for m in MS], read))
+        del f32s
+        for qt, name in FORMATS.items():
+            if name not in wanted:
+                continue
+            one = random_blocks(qt, n, k, gen)
+            ws = ring(one.clone, one.numel(), ring_bytes)
+            res = []
+            for m in MS:
+                y = torch.empty(m, n)
+                best = min(median_us(lambda w, m=m, y=y: G.gguf_matmul(xs[m], w, qt, k, out=y), ws, reps)
+                           for _ in range(rounds))
+                res.append(best)
+            rows.append((f"{n}x{k}", name, one.numel(), res, None))
+            del ws
+    hdr = " | ".join(f"M={m} µs (GB/s)" for m in MS)
+    print(f"| shape | format | weight MB | {hdr} | plain read µs (GB/s) |")
+    print("|---|---|---|" + "---|" * len(MS) + "---|")
+    for shape, name, nbytes, res, read in rows:
+        cells = " | ".join(f"{t:.0f} ({nbytes / t / 1e3:.1f})" for t in res)
+        rd = f"{read:.0f} ({nbytes / read / 1e3:.1f})" if read else ""
+        print(f"| {shape} | {name} | {nbytes / 1e6:.2f} | {cells} | {rd} |")
+    print("\n(GB/s: weight bytes streamed per call / time; float32 torch reads 4 bytes a weight, Q4_K 0.5625.)")
+    if args.prefill:
+        prefill(gen, rounds, 3 if args.quick else 7)
+
+
+def prefill(gen: np.random.Generator, rounds: int, reps: int) -> None:
+    """Direct kernels vs dequantize + torch matmul for larger M (where DEQUANT_MIN_ROWS should sit)."""
+    n, k = 1536, 1536
+    print(f"\nPrefill, {n}x{k}: µs per call, direct kernels vs dequantize + torch matmul "
+          f"(the switch is at M = {G.DEQUANT_MIN_ROWS})\n")
+    print("| format | M | direct µs | dequant+matmul µs |")
+    print("|---|---|---|---|")
+    saved = G.DEQUANT_MIN_ROWS
+    try:
+        for qt in (12, 14, 3, 8):
+            w = [random_blocks(qt, n, k, gen)]
+            for m in (16, 32, 48, 64, 128, 512):
+                x = torch.randn(m, k)
+                G.DEQUANT_MIN_ROWS = 1 << 30
+                direct = min(median_us(lambda b: G.gguf_matmul(x, b, qt, k), w, reps) for _ in range(rounds))
+                G.DEQUANT_MIN_ROWS = 1
+                deq = min(median_us(lambda b: G.gguf_matmul(x, b, qt, k), w, reps) for _ in range(rounds))
+                print(f"| {FORMATS[qt]} | {m} | {direct:.0f} | {deq:.0f} |")
+    finally:
+        G.DEQUANT_MIN_ROWS = saved
+
+
+if __name__ == "__main__":
+    main()

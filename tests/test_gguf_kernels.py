@@ -1,0 +1,221 @@
+"""tp_engine.kernels.gguf_gemm: matmuls on GGUF blocks against gguf-py's own dequantizer in float64.
+
+The reference is independent of the code under test: ``gguf.quants.dequantize``
+(numpy) gives the float32 weights, the product is taken in float64.
+
+Error bound. Each output is a float32 sum over K terms in a fixed order.
+The AVX2 kernels round each weight once (w = q * d - m by one FMA, d and m
+themselves products of the file's float16 scales, one rounding each), or in
+dot mode sum x * q per sub-block and scale the sum (d * (x . q) - m * sum(x)),
+then run per-lane FMA chains of K / 8 steps, add 2 or 4 accumulator sets and
+8 lanes (3 adds). The portable C has no FMA: a multiply and an add per step.
+So every term goes through at most n = K / 4 + 16 roundings, and the classic
+bound |y_hat - y| <= gamma_n * sum_k |x_k| (|d q_k| + |m|) holds with
+gamma_n = n u / (1 - n u), u = 2^-24; |d q| + |m| <= |w| + 2 |m| with w
+gguf's float32 weight (itself within 2u of the exact q * d - m, inside the
++16). torch's matmul (the fallback and CUDA paths) sums in an unknown
+blocked order: n = K + 16, the bound for any order. The bound is rigorous,
+not a fudge factor; observed errors sit far below it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from tp_engine.kernels import gguf_gemm as G  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+FORMATS = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+NUMPY_QUANTIZE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0}
+U = 2.0 ** -24
+
+
+def _kernels() -> list[str]:
+    ks = ["portable", "torch"]
+    if G._lib("avx2") is not None:
+        ks.insert(0, "avx2")
+    return ks
+
+
+KERNELS = _kernels()
+
+
+def _f16_bytes(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16).view(np.uint8).reshape(a.shape + (2,))
+
+
+def make_blocks(qt: int, n: int, k: int, seed: int) -> np.ndarray:
+    """Valid (n, k // QK * QB) uint8 blocks: gguf's own quantizer where it has one, else random
+    bytes with small finite float16 scales (any bytes are a valid K-quant block)."""
+    rng = np.random.default_rng(seed)
+    if qt in NUMPY_QUANTIZE:
+        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qt)
+    qk, qb = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (n, k // qk, qb), dtype=np.uint8)
+    scale = lambda: rng.uniform(-0.02, 0.02, raw.shape[:2])  # noqa: E731 (negative scales are legal)
+    for at in ([0, 2] if qt in (T.Q4_K, T.Q5_K) else [208]):
+        raw[..., at:at + 2] = _f16_bytes(scale())
+    return raw.reshape(n, -1)
+
+
+def _min_part(qt: int, b: np.ndarray, k: int) -> np.ndarray:
+    """|m| per weight (float64 (n, k)): the minimum that asymmetric formats subtract (0 elsewhere)."""
+    n = b.shape[0]
+    qk, qb = gguf.GGML_QUANT_SIZES[qt]
+    blk = b.reshape(n, k // qk, qb)
+    if qt == T.Q4_1:
+        m = blk[..., 2:4].copy().view(np.float16).astype(np.float64)  # (n, nb, 1)
+        return np.abs(np.repeat(m[..., 0], 32, axis=-1))
+    if qt in (T.Q4_K, T.Q5_K):
+        dmin = blk[..., 2:4].copy().view(np.float16).astype(np.float64)
+        _, mins = gguf.quants.Q4_K.get_scale_min(blk[..., 4:16].reshape(-1, 12))
+        dm = np.abs(dmin * mins.reshape(n, k // qk, 8))
+        return np.repeat(dm, 32, axis=-1).reshape(n, k)
+    return np.zeros((n, k))
+
+
+def check_matmul(y: torch.Tensor, x: torch.Tensor, b: np.ndarray, qt: int, k: int, kernel: str) -> None:
+    w = gguf.quants.dequantize(b, qt).astype(np.float64)
+    xd = x.double().numpy()
+    exact = xd @ w.T
+    mag = np.abs(xd) @ (np.abs(w) + 2 * _min_part(qt, b, k)).T
+    n = (k + 16) if kernel == "torch" else (k // 4 + 16)
+    gamma = n * U / (1 - n * U)
+    err = np.abs(y.double().numpy() - exact)
+    bound = 1.01 * gamma * mag
+    assert y.dtype == torch.float32 and tuple(y.shape) == exact.shape
+    assert np.all(err <= bound), f"{kernel} {qt.name}: max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+SHAPES = {32: [(5, 64), (19, 96)], 256: [(7, 512), (3, 256)]}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_matmul_against_float64_reference(qt, kernel):
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    ms = [1, 3, 16, 17, 40] + ([70] if kernel == "avx2" else [])  # 70 >= DEQUANT_MIN_ROWS: the prefill path
+    assert kernel != "avx2" or 70 >= G.DEQUANT_MIN_ROWS
+    for i, (n, k) in enumerate(SHAPES[qk]):
+        b = make_blocks(qt, n, k, seed=i)
+        bt = torch.from_numpy(b)
+        x = torch.randn(max(ms), k, generator=torch.Generator().manual_seed(i))
+        for m in ms:
+            xm = x[:m].contiguous()
+            check_matmul(G.gguf_matmul(xm, bt, int(qt), k, kernel=kernel), xm, b, qt, k, kernel)
+        out = torch.full((3, n), float("nan"))
+        assert G.gguf_matmul(x[:3].contiguous(), bt, qt, k, out=out, kernel=kernel) is out
+        check_matmul(out, x[:3], b, qt, k, kernel)
+
+
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_dequantize_rows_is_gguf_bitwise(qt):
+    """Any bytes, float16 scales that are subnormal, inf or NaN included: the same float32 bits."""
+    qk, qb = gguf.GGML_QUANT_SIZES[qt]
+    rng = np.random.default_rng(int(qt))
+    raw = rng.integers(0, 256, (6, 2 * qb), dtype=np.uint8)  # 6 rows of 2 blocks
+    raw[0, :] = 0
+    if qt in NUMPY_QUANTIZE:
+        raw[1:] = make_blocks(qt, 5, 2 * qk, seed=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = gguf.quants.dequantize(raw, qt)
+    nan = np.isnan(ref)
+    bt = torch.from_numpy(raw)
+    got = {kernel: G.dequantize_rows(bt, int(qt), 2 * qk, kernel=kernel).numpy() for kernel in KERNELS}
+    got["dequantize_torch"] = G.dequantize_torch(bt, qt, 2 * qk).numpy()
+    for kernel, y in got.items():
+        assert y.dtype == np.float32 and y.shape == ref.shape
+        # every bit (signed zeros too), except NaN payloads
+        assert np.array_equal(np.isnan(y), nan), kernel
+        assert np.array_equal(y.view(np.uint32)[~nan], ref.view(np.uint32)[~nan]), kernel
+
+
+@pytest.mark.parametrize("qt", [T.Q4_1, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
+def test_row_slices(qt):
+    """blocks[a:b] (a contiguous slice, as a rank holds it) gives the matching rows."""
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    n, k = 23, 2 * qk
+    b = make_blocks(qt, n, k, seed=3)
+    bt = torch.from_numpy(b)
+    full = G.dequantize_rows(bt, qt, k)
+    x = torch.randn(2, k)
+    for a, e in [(0, 11), (11, 23), (5, 6), (7, 20)]:
+        part = bt[a:e]
+        assert part.is_contiguous()
+        assert torch.equal(G.dequantize_rows(part, qt, k), full[a:e])
+        for kernel in KERNELS:
+            check_matmul(G.gguf_matmul(x, part, qt, k, kernel=kernel), x, b[a:e], qt, k, kernel)
+
+
+def test_block_shape_and_supported():
+    assert G.SUPPORTED == frozenset(int(q) for q in FORMATS)
+    for q in FORMATS:
+        assert G.block_shape(q) == tuple(gguf.GGML_QUANT_SIZES[q])
+    with pytest.raises(ValueError, match="unsupported GGUF quantization type"):
+        G.block_shape(T.Q2_K)
+
+
+def test_bad_inputs_raise_clear_errors():
+    qt, k = int(T.Q4_K), 512
+    bt = torch.from_numpy(make_blocks(T.Q4_K, 4, k, seed=0))
+    x = torch.randn(2, k)
+    cases = [
+        (lambda: G.gguf_matmul(x, bt, int(T.F32), k), "unsupported GGUF quantization type"),
+        (lambda: G.gguf_matmul(x, bt, "Q4_K", k), "unsupported GGUF quantization type"),
+        (lambda: G.gguf_matmul(x[:, :300].contiguous(), bt[:, :0], qt, 300), "not a multiple of the Q4_K block size 256"),
+        (lambda: G.gguf_matmul(torch.randn(2, 256), bt, qt, 256), "bytes per row"),
+        (lambda: G.gguf_matmul(x.double(), bt, qt, k), "float32"),
+        (lambda: G.gguf_matmul(torch.randn(2, 256), bt, qt, k), "x has 256 columns"),
+        (lambda: G.gguf_matmul(torch.randn(k, 2).T, bt, qt, k), "contiguous"),
+        (lambda: G.gguf_matmul(x, bt.view(torch.int8), qt, k), "uint8"),
+        (lambda: G.gguf_matmul(x, bt[:, ::2], qt, k // 2), "contiguous"),
+        (lambda: G.gguf_matmul(x.to("meta"), bt, qt, k), "is on meta"),
+        (lambda: G.gguf_matmul(x, bt, qt, k, out=torch.empty(2, 5)), r"shape \(2, 4\)"),
+        (lambda: G.gguf_matmul(x, bt, qt, k, out=x[:, :4].contiguous().view(torch.int32)), "float32"),
+        (lambda: G.gguf_matmul(x, bt, qt, k, kernel="fast"), "kernel must be one of"),
+        (lambda: G.dequantize_rows(bt, qt, k + 256), "bytes per row"),
+        (lambda: G.dequantize_rows(bt, qt, 0), "positive int"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+    buf = torch.empty(2 * 4 + 2 * k)  # out overlapping x
+    xo, out = buf[: 2 * k].view(2, k), buf[2 * k - 4: 2 * k + 4].view(2, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        G.gguf_matmul(xo, bt, qt, k, out=out)
+
+
+def test_kernel_name_and_forced_portable(monkeypatch):
+    if G._lib("avx2") is not None:
+        assert G.kernel_name() == "avx2"
+    assert G.kernel_name("cuda") == "torch-dequant"
+    monkeypatch.setenv(G.KERNEL_ENV, "portable")
+    assert G.kernel_name() == "portable"
+    G._warned.discard("portable")
+    b = make_blocks(T.Q8_0, 3, 64, seed=0)
+    x = torch.randn(2, 64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = G.gguf_matmul(x, torch.from_numpy(b), T.Q8_0, 64)
+    assert any("portable path" in str(r.message) for r in rec), "a forced slow path must say so"
+    check_matmul(y, x, b, T.Q8_0, 64, "portable")
+    monkeypatch.setenv(G.KERNEL_ENV, "nonsense")
+    with pytest.raises(ValueError, match=G.KERNEL_ENV):
+        G.kernel_name()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("qt", [T.Q4_K, T.Q8_0, T.Q6_K], ids=lambda q: q.name)
+def test_cuda_path(qt):
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    b = make_blocks(qt, 9, 2 * qk, seed=5)
+    x = torch.randn(3, 2 * qk)
+    y = G.gguf_matmul(x.cuda(), torch.from_numpy(b).cuda(), qt, 2 * qk)
+    assert y.is_cuda
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_matmul(y.cpu(), x, b, qt, 2 * qk, "torch")
