@@ -19,10 +19,17 @@ on a machine busy with other work it leaves out the time the thread waited
 for a core (not the slowdown from shared caches and memory); say which
 clock with any number.
 
+Each quantized row is timed with float32 activations and with int8 ones
+(``activations="int8"``: x rounded per block, integer dot products), in
+two cells "f32 / int8". The Qwen2.5 output head (151936 x 1536) is timed in
+Q6_K, the format the 1.5B Q4_K_M file keeps it in. ``--rows`` also times
+M = 1 int8 with 1, 2 and 4 rows of W in flight (INT8_ROWS: separate
+memory streams).
+
 ``--prefill`` also times M = 16..512 with the direct kernels against
 dequantize-then-torch-matmul (the switch DEQUANT_MIN_ROWS in gguf_gemm.py).
 
-    python benchmarks/gguf_gemm.py [--quick] [--rounds 3] [--ring-mib 1024] [--cpu-time] [--prefill]
+    python benchmarks/gguf_gemm.py [--quick] [--rounds 3] [--ring-mib 1024] [--cpu-time] [--prefill] [--rows]
 """
 from __future__ import annotations
 
@@ -41,8 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tp_engine.kernels import gguf_gemm as G  # noqa: E402
 
 FORMATS = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-SHAPES = [(1536, 1536), (8960, 1536)]
-MS = [1, 4, 16]
+SHAPES = [(1536, 1536), (8960, 1536), (151936, 1536)]
+HEAD_FORMATS = {"Q6_K"}  # the output head: only the format the file uses (191 MB a copy)
+MS = [1, 2, 4, 16]
+ACTS = ("float32", "int8")
 
 
 def random_blocks(qtype: int, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
@@ -84,6 +93,7 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true", help="also time M up to 512 (direct vs dequant + matmul)")
     ap.add_argument("--formats", default=",".join(FORMATS.values()))
     ap.add_argument("--cpu-time", action="store_true", help="thread CPU time instead of wall time (busy machines)")
+    ap.add_argument("--rows", action="store_true", help="also time int8 M = 1 with 1, 2, 4 rows of W in flight")
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -99,36 +109,50 @@ def main() -> None:
           f"{' (QUICK: cache-resident, not DRAM numbers)' if args.quick else ''}\n")
     rows = []
     for n, k in SHAPES:
-        f32s = ring(lambda n=n, k=k: torch.randn(n, k), 4 * n * k, ring_bytes)
+        head = n > 100_000
         xs = {m: torch.randn(m, k) for m in MS}
-        base = {}
-        for m in MS:
-            best = min(median_us(lambda w, m=m: F.linear(xs[m], w), f32s, reps) for _ in range(rounds))
-            base[m] = best
-        read = min(median_us(lambda w: w.sum(), f32s, reps) for _ in range(rounds))
-        rows.append((f"{n}x{k}", "f32 torch", 4 * n * k, [base[m] for m in MS], read))
-        del f32s
+        if not head:  # float32 torch on the head would need GBs of copies; the quantized rows are the point
+            f32s = ring(lambda n=n, k=k: torch.randn(n, k), 4 * n * k, ring_bytes)
+            base = [min(median_us(lambda w, m=m: F.linear(xs[m], w), f32s, reps) for _ in range(rounds)) for m in MS]
+            read = min(median_us(lambda w: w.sum(), f32s, reps) for _ in range(rounds))
+            rows.append((f"{n}x{k}", "f32 torch", 4 * n * k, [(t,) for t in base], read))
+            del f32s
         for qt, name in FORMATS.items():
-            if name not in wanted:
+            if name not in wanted or (head and name not in HEAD_FORMATS):
                 continue
             one = random_blocks(qt, n, k, gen)
             ws = ring(one.clone, one.numel(), ring_bytes)
             res = []
             for m in MS:
                 y = torch.empty(m, n)
-                best = min(median_us(lambda w, m=m, y=y: G.gguf_matmul(xs[m], w, qt, k, out=y), ws, reps)
-                           for _ in range(rounds))
-                res.append(best)
+                cell = []
+                for act in ACTS:
+                    cell.append(min(median_us(lambda w, m=m, y=y, act=act: G.gguf_matmul(xs[m], w, qt, k, out=y,
+                                                                                          activations=act),
+                                              ws, reps) for _ in range(rounds)))
+                res.append(tuple(cell))
+            if args.rows:
+                saved = G.INT8_ROWS
+                try:
+                    for rr in (1, 2, 4):
+                        G.INT8_ROWS = rr
+                        t = min(median_us(lambda w: G.gguf_matmul(xs[1], w, qt, k, activations="int8"), ws, reps)
+                                for _ in range(rounds))
+                        print(f"rows in flight {rr}: {n}x{k} {name} M=1 int8 {t:.0f} µs ({one.numel() / t / 1e3:.1f} GB/s)")
+                finally:
+                    G.INT8_ROWS = saved
             rows.append((f"{n}x{k}", name, one.numel(), res, None))
             del ws
-    hdr = " | ".join(f"M={m} µs (GB/s)" for m in MS)
-    print(f"| shape | format | weight MB | {hdr} | plain read µs (GB/s) |")
+    hdr = " | ".join(f"M={m} µs f32 / int8 (GB/s)" for m in MS)
+    print(f"\n| shape | format | weight MB | {hdr} | plain read µs (GB/s) |")
     print("|---|---|---|" + "---|" * len(MS) + "---|")
     for shape, name, nbytes, res, read in rows:
-        cells = " | ".join(f"{t:.0f} ({nbytes / t / 1e3:.1f})" for t in res)
+        cells = " | ".join(" / ".join(f"{t:.0f}" for t in c) + " (" + " / ".join(f"{nbytes / t / 1e3:.1f}" for t in c) + ")"
+                           for c in res)
         rd = f"{read:.0f} ({nbytes / read / 1e3:.1f})" if read else ""
         print(f"| {shape} | {name} | {nbytes / 1e6:.2f} | {cells} | {rd} |")
-    print("\n(GB/s: weight bytes streamed per call / time; float32 torch reads 4 bytes a weight, Q4_K 0.5625.)")
+    print("\n(GB/s: weight bytes streamed per call / time; float32 torch reads 4 bytes a weight, Q4_K 0.5625. "
+          f"Default activations here: {G.activations_mode()}.)")
     if args.prefill:
         prefill(gen, rounds, 3 if args.quick else 7)
 

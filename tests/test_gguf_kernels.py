@@ -219,3 +219,142 @@ def test_cuda_path(qt):
     assert y.is_cuda
     torch.backends.cuda.matmul.allow_tf32 = False
     check_matmul(y.cpu(), x, b, qt, 2 * qk, "torch")
+
+
+# ------------------------------------------------------------------ int8 activations
+#
+# activations="int8" rounds each row of x per block of QK inputs (32, or 256
+# for the K-quants): dx = max|x| / 127, q = rint(x * (127 / max|x|)), x taken
+# as xq = dx q. The test rounds x itself (numpy, float32 steps written from
+# that rule, not from the code) and checks two bounds per output:
+#  (a) against the exact product with xq in float64: float32 rounding only.
+#      AVX2: integer dot products per block (exact), then per 8-lane
+#      accumulator at most 2 FMAs a block (two sets alternating), the product
+#      d_w dx, the sets' sum, 3 adds across lanes, Q4_1's minimum sums (a
+#      chain of K / 32 adds): n = 2 K / 32 + 8 roundings at most; portable
+#      and torch run their float path on xq (n as above);
+#  (b) against the exact x @ W.T: (a) plus the rounding of x, per block
+#      dx (1/2 + 400 u) sum |w| (|x / dx - q| <= 1/2, and 127 / max|x|,
+#      max|x| / 127 and x * iscale are each rounded once: < 400 u more).
+
+
+def np_quantize(x: np.ndarray, qk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xq float64 (M, K), dx float64 (M, K // qk)) by the rule above, in numpy float32 steps."""
+    m, k = x.shape
+    xb = x.astype(np.float32).reshape(m, k // qk, qk)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    safe = np.where(amax > 0, amax, np.float32(1))
+    iscale = np.where(amax > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    q = np.rint((xb * iscale).astype(np.float32))
+    assert np.all(np.abs(q) <= 127)
+    dx = (amax / np.float32(127)).astype(np.float32)
+    return (q.astype(np.float64) * dx.astype(np.float64)).reshape(m, k), dx[..., 0].astype(np.float64)
+
+
+def check_int8(y: torch.Tensor, x: torch.Tensor, b: np.ndarray, qt: int, k: int, kernel: str) -> None:
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    w = gguf.quants.dequantize(b, qt).astype(np.float64)
+    xq, dx = np_quantize(x.numpy(), qk)
+    yd = y.double().numpy()
+    assert y.dtype == torch.float32 and yd.shape == (x.shape[0], b.shape[0])
+    n = {"avx2": 2 * k // 32 + 8, "portable": k // 4 + 16, "torch": k + 16}[kernel]
+    float_bound = 1.01 * n * U / (1 - n * U) * (np.abs(xq) @ (np.abs(w) + 2 * _min_part(qt, b, k)).T)
+    err_a = np.abs(yd - xq @ w.T)
+    assert np.all(err_a <= float_bound), f"{kernel} {qt.name} (a): worst ratio {(err_a / float_bound).max():.3g}"
+    # (b): sum over blocks of dx_b (1/2 + 400 u) * sum_{k in b} |w_k|
+    wsum = np.abs(w).reshape(w.shape[0], k // qk, qk).sum(-1)  # (N, nb)
+    act_bound = (dx * (0.5 + 400 * U)) @ wsum.T
+    err_b = np.abs(yd - x.double().numpy() @ w.T)
+    assert np.all(err_b <= act_bound + float_bound), \
+        f"{kernel} {qt.name} (b): worst ratio {(err_b / (act_bound + float_bound)).max():.3g}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_int8_matmul_against_float64_reference(qt, kernel):
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    for i, (n, k) in enumerate(SHAPES[qk] + [(9, 4 * qk)]):
+        b = make_blocks(qt, n, k, seed=10 + i)
+        bt = torch.from_numpy(b)
+        x = torch.randn(17, k, generator=torch.Generator().manual_seed(i)) * torch.rand(17, 1) * 4
+        x[2, :qk] = 0  # an all-zero block: dx = 0
+        for m in (1, 2, 3, 16, 17):
+            xm = x[:m].contiguous()
+            check_int8(G.gguf_matmul(xm, bt, int(qt), k, kernel=kernel, activations="int8"), xm, b, qt, k, kernel)
+
+
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_int8_extreme_blocks(qt):
+    """Largest integer products (all bytes 0x00 / 0xFF / 0x80, x at +-127 after rounding): no int16
+    saturation or int32 / float conversion loss in the AVX2 dot products."""
+    qk, qb = gguf.GGML_QUANT_SIZES[qt]
+    k = 2 * qk
+    rows = []
+    for fill in (0x00, 0xFF, 0x80, 0x7F):
+        raw = np.full((k // qk, qb), fill, dtype=np.uint8)
+        for at in ([0, 2] if qt in (T.Q4_1, T.Q4_K, T.Q5_K) else [208] if qt == T.Q6_K else [0]):
+            raw[:, at:at + 2] = _f16_bytes(np.full(k // qk, 0.01 if fill != 0x80 else -0.01))
+        rows.append(raw.reshape(-1))
+    b = np.stack(rows)
+    x = torch.tensor([[1.0] * k, [-1.0] * k, [(-1.0) ** j for j in range(k)], [3.0 * (j % 2) for j in range(k)]])
+    for kernel in KERNELS:
+        for m in (1, 4):
+            xm = x[:m].contiguous()
+            check_int8(G.gguf_matmul(xm, torch.from_numpy(b), int(qt), k, kernel=kernel, activations="int8"),
+                       xm, b, qt, k, kernel)
+
+
+@pytest.mark.parametrize("qt", [T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda q: q.name)
+def test_quantize_activations_rule(qt):
+    """quantize_activations (torch) and the C quantizer of both builds: the rule, bitwise; inf / NaN -> dx NaN."""
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    k = 2 * qk
+    x = torch.randn(5, k) * 3
+    x[1, :qk] = 0
+    x[2, 5] = float("inf")
+    x[3, qk + 1] = float("nan")
+    q, dx = G.quantize_activations(x, qt)
+    fin = torch.isfinite(x.reshape(5, 2, qk)).all(-1)
+    assert torch.equal(torch.isnan(dx), ~fin)
+    xq, dref = np_quantize(torch.where(fin.repeat_interleave(qk, 1), x, 0.0).numpy(), qk)
+    got = (q.double().reshape(5, 2, qk) * dx.double()[:, :, None]).reshape(5, k).numpy()
+    assert np.array_equal(got[fin.repeat_interleave(qk, 1).numpy()], xq[fin.repeat_interleave(qk, 1).numpy()])
+    for kernel in ("avx2", "portable"):
+        lib = G._lib(kernel)
+        if lib is None:
+            continue
+        qc, dc = torch.empty(5, k, dtype=torch.int8), torch.empty(5, 2)
+        sc = torch.empty(5, k // 32, dtype=torch.int16)
+        assert lib.tp_gguf_quantize_x(int(qt), x.data_ptr(), 5, k, qc.data_ptr(), dc.data_ptr(), sc.data_ptr()) == qk
+        assert torch.equal(qc, q) and torch.equal(torch.isnan(dc), torch.isnan(dx)), kernel
+        assert torch.equal(dc[fin], dx[fin]), kernel
+        assert torch.equal(sc, q.reshape(5, -1, 32).sum(-1, dtype=torch.int16)), kernel
+    # a non-finite x gives non-finite outputs in its row (never a silent finite number)
+    b = torch.from_numpy(make_blocks(qt, 3, k, seed=2))
+    for kernel in KERNELS:
+        y = G.gguf_matmul(x, b, int(qt), k, kernel=kernel, activations="int8")
+        assert not torch.isfinite(y[2:4]).any() and torch.isfinite(y[[0, 1, 4]]).all(), kernel
+
+
+def test_activations_selection(monkeypatch):
+    qt, k = int(T.Q4_K), 512
+    b = torch.from_numpy(make_blocks(T.Q4_K, 5, k, seed=4))
+    x = torch.randn(3, k)
+    f32 = G.gguf_matmul(x, b, qt, k, activations="float32")
+    i8 = G.gguf_matmul(x, b, qt, k, activations="int8")
+    assert not torch.equal(f32, i8)  # they are different computations
+    monkeypatch.setenv(G.ACTIVATIONS_ENV, "int8")
+    assert G.activations_mode() == "int8"
+    assert torch.equal(G.gguf_matmul(x, b, qt, k), i8)
+    assert torch.equal(G.gguf_matmul(x, b, qt, k, activations="float32"), f32)  # the argument wins
+    big = torch.randn(G.DEQUANT_MIN_ROWS, k)  # prefill keeps float32 activations
+    assert torch.equal(G.gguf_matmul(big, b, qt, k), G.gguf_matmul(big, b, qt, k, activations="float32"))
+    monkeypatch.setenv(G.ACTIVATIONS_ENV, "float32")
+    assert torch.equal(G.gguf_matmul(x, b, qt, k), f32)
+    monkeypatch.setenv(G.ACTIVATIONS_ENV, "int4")
+    with pytest.raises(ValueError, match=G.ACTIVATIONS_ENV):
+        G.gguf_matmul(x, b, qt, k)
+    monkeypatch.delenv(G.ACTIVATIONS_ENV)
+    assert G.activations_mode() == G.DEFAULT_ACTIVATIONS
+    with pytest.raises(ValueError, match="activations must be one of"):
+        G.gguf_matmul(x, b, qt, k, activations="bf16")

@@ -39,7 +39,7 @@
 #include <immintrin.h>
 #endif
 
-#define TP_GGUF_ABI 1
+#define TP_GGUF_ABI 2
 #define MAXR 4
 #define MAXMC 8
 #define GROUP 16 /* rows of x per pass over W */
@@ -795,4 +795,427 @@ int tp_gguf_gemm(int t, const float *x, int64_t M, int64_t K, const uint8_t *w, 
     portable_gemm(deq, qk, qb, x, M, K, w, N, y);
 #endif
     return 0;
+}
+
+/* ================================================================== int8 activations
+ *
+ * y = xq @ dequant(w).T where xq is x rounded per block of QX inputs (32 for
+ * Q4_0 / Q4_1 / Q5_0 / Q8_0, 256 for the K-quants, as llama.cpp's Q8_0 /
+ * Q8_K): dx = amax / 127, q = round-half-even(x * (127 / amax)) in -127..127,
+ * xq = dx * q; and s = sum of q over each 32 inputs (the minimums of Q4_1,
+ * Q4_K, Q5_K multiply it). Each weight block is decoded once into bytes (for
+ * up to 16 rows of x); per row of x the products are integer dot products
+ * (vpmaddubsw: unsigned weight bytes x signed x bytes into int16 pairs,
+ * vpmaddwd with 1 or with the sub-block scales into int32), exact in int32
+ * and within 2^24 (so the conversion to float is exact too); then per block
+ * one FMA of d_w * dx with that sum (and one for the minimums). Signed
+ * weights (Q4_0, Q5_0, Q8_0, Q6_K) go through vpsignb: |w| times x with
+ * w's sign. Error: |y - x w| <= sum_blocks dx / 2 sum |w| (the rounding of
+ * x) plus float32 rounding of about 2 K / 32 + 4 steps (tests bound both).
+ */
+
+/* round-half-even of |v| < 2^22 in float32 (as vcvtps2dq does in the default mode) */
+static inline float rne(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+/* x (M, K) -> q int8 (M, K), d float (M, K / qx), s int16 (M, K / 32). A block
+ * holding inf or NaN gets d = NaN (so its outputs are NaN, as in float). */
+__attribute__((unused)) static void quantize_x_scalar(const float *x, int64_t M, int64_t K, int qx, int8_t *q, float *d,
+                                                      int16_t *s) {
+    const int64_t nbx = K / qx;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nbx; b++) {
+            const float *xb = x + m * K + b * qx;
+            int8_t *qb = q + m * K + b * qx;
+            float amax = 0.0f;
+            int bad = 0;
+            for (int j = 0; j < qx; j++) {
+                const float a = xb[j] < 0 ? -xb[j] : xb[j];
+                bad |= !(a <= 3.4028234663852886e38f);
+                amax = a > amax ? a : amax;
+            }
+            if (bad || amax == 0.0f) {
+                for (int j = 0; j < qx; j++) qb[j] = 0;
+                d[m * nbx + b] = bad ? __builtin_nanf("") : 0.0f;
+            } else {
+                const float is = 127.0f / amax;
+                for (int j = 0; j < qx; j++) qb[j] = (int8_t)rne(xb[j] * is);
+                d[m * nbx + b] = amax / 127.0f;
+            }
+            for (int g = 0; g < qx / 32; g++) {
+                int t = 0;
+                for (int j = 0; j < 32; j++) t += qb[32 * g + j];
+                s[m * (K / 32) + b * (qx / 32) + g] = (int16_t)t;
+            }
+        }
+}
+
+/* the float decoders as x quantized to int8 sees them: xq as float (portable build) */
+__attribute__((unused)) static void xq_float(const int8_t *q, const float *d, int64_t M, int64_t K, int qx, float *xq) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xq[m * K + k] = d[m * (K / qx) + k / qx] * (float)q[m * K + k];
+}
+
+#ifdef TP_GGUF_AVX2
+static void quantize_x_avx2(const float *x, int64_t M, int64_t K, int qx, int8_t *q, float *d, int16_t *s) {
+    const int64_t nbx = K / qx;
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), big = _mm256_set1_ps(3.4028234663852886e38f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nbx; b++) {
+            const float *xb = x + m * K + b * qx;
+            int8_t *qb = q + m * K + b * qx;
+            __m256 mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+            for (int j = 0; j < qx; j += 8) {
+                const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xb + j), absm);
+                mx = _mm256_max_ps(mx, a);
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            if (_mm256_movemask_ps(bad) || amax == 0.0f) {
+                memset(qb, 0, (size_t)qx);
+                d[m * nbx + b] = _mm256_movemask_ps(bad) ? __builtin_nanf("") : 0.0f;
+            } else {
+                const __m256 is = _mm256_set1_ps(127.0f / amax);
+                for (int j = 0; j < qx; j += 32) {
+                    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j), is));
+                    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8), is));
+                    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 16), is));
+                    const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 24), is));
+                    /* packs interleave the 128-bit lanes: undo with one permute */
+                    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+                    _mm256_storeu_si256((__m256i *)(qb + j),
+                                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+                }
+                d[m * nbx + b] = amax / 127.0f;
+            }
+            for (int g = 0; g < qx / 32; g++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + 32 * g));
+                const __m256i w16 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+                s[m * (K / 32) + b * (qx / 32) + g] = (int16_t)_mm_cvtsi128_si32(t);
+            }
+        }
+}
+
+/* The quantized rows of x, block b of a format with QX-input activation blocks. */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int16_t *s;
+    int64_t K;
+} xq_t;
+
+#define XQ(m, qx, b) (X->q + (m) * X->K + (b) * (qx))
+#define XD(m, qx, b) (X->d[(m) * (X->K / (qx)) + (b)])
+#define XS(m, b32) (X->s + (m) * (X->K / 32) + (b32))
+
+typedef __m256 iacc_t[MAXR][GROUP];
+typedef float icorr_t[MAXR][GROUP];
+
+INLINE __m256i ones16(void) { return _mm256_set1_epi16(1); }
+/* 32 products |w| * (x with w's sign) summed into 8 int32 */
+INLINE __m256i sdot32(__m256i aw, __m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones16());
+}
+INLINE __m256i udot32(__m256i uw, __m256i x) { return _mm256_madd_epi16(_mm256_maddubs_epi16(uw, x), ones16()); }
+INLINE __m256i ld32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* 16 bytes -> 32 nibbles: low nibbles in bytes 0..15, high in 16..31 */
+INLINE __m256i nib32(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+/* 32 bits -> 32 bytes, 0xFF where the bit is set */
+INLINE __m256i bits32(uint32_t x) {
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i bm = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm);
+}
+
+/* 32-input formats. Signed: w in bytes (Q4_0 nibble - 8, Q5_0 5 bits - 16, Q8_0). */
+#define I8_SIGNED32(NAME, DECODE)                                                                          \
+    INLINE void i8_##NAME(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b, \
+                          iacc_t acc, icorr_t corr) {                                                      \
+        (void)corr;                                                                                        \
+        _Pragma("GCC unroll 4") for (int r = 0; r < RR; r++) {                                             \
+            const uint8_t *br = bp + r * ldr;                                                              \
+            __m256i w;                                                                                     \
+            DECODE;                                                                                        \
+            const __m256i aw = _mm256_sign_epi8(w, w);                                                     \
+            const float dw = f16(br);                                                                      \
+            _Pragma("GCC unroll 2") for (int m = 0; m < mg; m++) {                                         \
+                const __m256 p = _mm256_cvtepi32_ps(sdot32(aw, w, ld32(XQ(m, 32, b))));                    \
+                acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * XD(m, 32, b)), p, acc[r][m]);              \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+I8_SIGNED32(q8_0, w = ld32(br + 2))
+I8_SIGNED32(q4_0, w = _mm256_sub_epi8(nib32(br + 2), _mm256_set1_epi8(8)))
+I8_SIGNED32(q5_0, {
+    uint32_t qh;
+    memcpy(&qh, br + 2, 4);
+    w = _mm256_sub_epi8(_mm256_or_si256(nib32(br + 6), _mm256_and_si256(bits32(qh), _mm256_set1_epi8(0x10))),
+                        _mm256_set1_epi8(16));
+})
+
+/* Q4_1: unsigned nibbles; y += d dx (q . xq) + m dx s */
+INLINE void i8_q4_1(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b,
+                    iacc_t acc, icorr_t corr) {
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) {
+        const uint8_t *br = bp + r * ldr;
+        const __m256i w = nib32(br + 4);
+        const float dw = f16(br), mw = f16(br + 2);
+#pragma GCC unroll 2
+        for (int m = 0; m < mg; m++) {
+            const float dx = XD(m, 32, b);
+            const __m256 p = _mm256_cvtepi32_ps(udot32(w, ld32(XQ(m, 32, b))));
+            acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), p, acc[r][m]);
+            corr[r][m] += (mw * dx) * (float)*XS(m, b);
+        }
+    }
+}
+
+/* Q4_K / Q5_K: 8 sub-blocks of 32 unsigned 4 (5) bit values, 6-bit scale and
+ * minimum each; y += d dx sum_j sc_j (q_j . xq_j) - dmin dx sum_j mn_j s_j */
+INLINE void i8_k45(const int RR, const int mg, const int HB, const uint8_t *bp, int64_t ldr, const xq_t *X,
+                   int64_t b, iacc_t acc) {
+    const int qs0 = HB ? 48 : 16;
+    const __m256i m0f = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) {
+        const uint8_t *br = bp + r * ldr;
+        uint8_t sc[8], mn[8];
+        kscales(br + 4, sc, mn);
+        __m256i w[8], s16[8];
+        const __m256i qh = HB ? ld32(br + 16) : b4;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = ld32(br + qs0 + 32 * c);
+            __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+            if (HB) { /* bit 2c of qh[l] -> bit 4 of the low value, bit 2c + 1 -> of the high one */
+                const int sl = 4 - 2 * c, sh = 3 - 2 * c;
+                const __m256i hl = sl >= 0 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(sl))
+                                           : _mm256_srl_epi16(qh, _mm_cvtsi32_si128(-sl));
+                const __m256i hh = sh >= 0 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(sh))
+                                           : _mm256_srl_epi16(qh, _mm_cvtsi32_si128(-sh));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(hl, b4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(hh, b4));
+            }
+            w[2 * c] = lo;
+            w[2 * c + 1] = hi;
+            s16[2 * c] = _mm256_set1_epi16(sc[2 * c]);
+            s16[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1]);
+        }
+        uint64_t mn8;
+        memcpy(&mn8, mn, 8);
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn8));
+        const float d = f16(br), dmin = f16(br + 2);
+#pragma GCC unroll 2
+        for (int m = 0; m < mg; m++) {
+            const int8_t *xq = XQ(m, 256, b);
+            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(_mm256_maddubs_epi16(w[2 * c], ld32(xq + 64 * c)), s16[2 * c]));
+                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(_mm256_maddubs_epi16(w[2 * c + 1], ld32(xq + 64 * c + 32)),
+                                                            s16[2 * c + 1]));
+            }
+            const __m128i mins = _mm_madd_epi16(_mm_loadu_si128((const __m128i *)XS(m, 8 * b)), mn16);
+            const float dx = XD(m, 256, b);
+            acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)), acc[r][m]);
+            acc[r][m] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(_mm256_zextsi128_si256(mins)),
+                                         acc[r][m]);
+        }
+    }
+}
+INLINE void i8_q4_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b,
+                    iacc_t acc, icorr_t corr) {
+    (void)corr;
+    i8_k45(RR, mg, 0, bp, ldr, X, b, acc);
+}
+INLINE void i8_q5_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b,
+                    iacc_t acc, icorr_t corr) {
+    (void)corr;
+    i8_k45(RR, mg, 1, bp, ldr, X, b, acc);
+}
+
+/* Q6_K: 16 sub-blocks of 16 signed 6-bit values (less 32), int8 scale each;
+ * vector i holds inputs 32 i .. 32 i + 31 (scales 2 i, 2 i + 1). */
+INLINE void i8_q6_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b,
+                    iacc_t acc, icorr_t corr) {
+    (void)corr;
+    const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30), o32 = _mm256_set1_epi8(32);
+#pragma GCC unroll 4
+    for (int r = 0; r < RR; r++) {
+        const uint8_t *br = bp + r * ldr;
+        const int8_t *sc = (const int8_t *)(br + 192);
+        __m256i w[8], s16[8];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const __m256i a = ld32(br + 64 * h), c = ld32(br + 64 * h + 32), hq = ld32(br + 128 + 32 * h);
+            const __m256i q1 = _mm256_or_si256(_mm256_and_si256(a, m0f), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
+            const __m256i q2 = _mm256_or_si256(_mm256_and_si256(c, m0f), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));
+            const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m0f), _mm256_and_si256(hq, m30));
+            const __m256i q4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m0f),
+                                               _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
+            w[4 * h] = _mm256_sub_epi8(q1, o32);
+            w[4 * h + 1] = _mm256_sub_epi8(q2, o32);
+            w[4 * h + 2] = _mm256_sub_epi8(q3, o32);
+            w[4 * h + 3] = _mm256_sub_epi8(q4, o32);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) s16[i] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * i + 1]), _mm_set1_epi16(sc[2 * i]));
+        const float d = f16(br + 208);
+#pragma GCC unroll 2
+        for (int m = 0; m < mg; m++) {
+            const int8_t *xq = XQ(m, 256, b);
+            __m256i t0 = _mm256_setzero_si256(), t1 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int i = 0; i < 8; i += 2) {
+                const __m256i x0 = ld32(xq + 32 * i), x1 = ld32(xq + 32 * i + 32);
+                t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w[i], w[i]),
+                                                                                 _mm256_sign_epi8(x0, w[i])), s16[i]));
+                t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w[i + 1], w[i + 1]),
+                                                                                 _mm256_sign_epi8(x1, w[i + 1])), s16[i + 1]));
+            }
+            acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * XD(m, 256, b)), _mm256_cvtepi32_ps(_mm256_add_epi32(t0, t1)),
+                                        acc[r][m]);
+        }
+    }
+}
+
+/* Rows i0..i1-1 of each of RR slices against mg (<= 16) rows of x; MG1: mg
+ * is 1, known at compile time (the accumulators stay in registers). */
+typedef void (*irows_fn)(const uint8_t *w, int64_t rowb, int64_t nb, int64_t seg, int64_t i0, int64_t i1,
+                         const xq_t *X, int mg, float *y, int64_t ldy);
+
+#define DEF_IROWS(FMT, QB, RR, MG1)                                                                          \
+    static void i8r_##FMT##_##RR##_##MG1(const uint8_t *w, int64_t rowb, int64_t nb, int64_t seg, int64_t i0, \
+                                         int64_t i1, const xq_t *X, int mg, float *y, int64_t ldy) {          \
+        const int64_t ldr = seg * rowb;                                                                      \
+        if (MG1) mg = 1;                                                                                     \
+        for (int64_t i = i0; i < i1; i++) {                                                                  \
+            const uint8_t *wi = w + i * rowb;                                                                \
+            iacc_t acc;                                                                                      \
+            icorr_t corr;                                                                                    \
+            iacc_t acc2; /* one row of x: odd blocks in a second set (two FMA chains a row of W) */        \
+            icorr_t corr2;                                                                                   \
+            for (int r = 0; r < RR; r++)                                                                     \
+                for (int m = 0; m < mg; m++)                                                                 \
+                    acc[r][m] = acc2[r][m] = _mm256_setzero_ps(), corr[r][m] = corr2[r][m] = 0.0f;           \
+            int64_t b = 0;                                                                                   \
+            if (MG1)                                                                                         \
+                for (; b + 1 < nb; b += 2) {                                                                 \
+                    i8_##FMT(RR, 1, wi + b * QB, ldr, X, b, acc, corr);                                      \
+                    i8_##FMT(RR, 1, wi + (b + 1) * QB, ldr, X, b + 1, acc2, corr2);                          \
+                }                                                                                            \
+            for (; b < nb; b++) i8_##FMT(RR, mg, wi + b * QB, ldr, X, b, acc, corr);                         \
+            for (int r = 0; r < RR; r++)                                                                     \
+                for (int m = 0; m < mg; m++)                                                                 \
+                    y[m * ldy + i + r * seg] =                                                               \
+                        hsum8(_mm256_add_ps(acc[r][m], acc2[r][m])) + (corr[r][m] + corr2[r][m]);            \
+        }                                                                                                    \
+    }
+#define DEF_IFMT(FMT, QB)                                                                                    \
+    DEF_IROWS(FMT, QB, 1, 1) DEF_IROWS(FMT, QB, 2, 1) DEF_IROWS(FMT, QB, 4, 1)                                \
+    DEF_IROWS(FMT, QB, 1, 0) DEF_IROWS(FMT, QB, 2, 0) DEF_IROWS(FMT, QB, 4, 0)                                \
+    static const irows_fn i8tab_##FMT[3][2] = {{i8r_##FMT##_1_0, i8r_##FMT##_1_1},                            \
+                                               {i8r_##FMT##_2_0, i8r_##FMT##_2_1},                            \
+                                               {i8r_##FMT##_4_0, i8r_##FMT##_4_1}};
+
+DEF_IFMT(q4_0, 18)
+DEF_IFMT(q4_1, 20)
+DEF_IFMT(q5_0, 22)
+DEF_IFMT(q8_0, 34)
+DEF_IFMT(q4_k, 144)
+DEF_IFMT(q5_k, 176)
+DEF_IFMT(q6_k, 210)
+
+static const irows_fn (*i8_tab(int t))[2] {
+    switch (t) {
+    case T_Q4_0: return i8tab_q4_0;
+    case T_Q4_1: return i8tab_q4_1;
+    case T_Q5_0: return i8tab_q5_0;
+    case T_Q8_0: return i8tab_q8_0;
+    case T_Q4_K: return i8tab_q4_k;
+    case T_Q5_K: return i8tab_q5_k;
+    case T_Q6_K: return i8tab_q6_k;
+    default: return 0;
+    }
+}
+#endif /* TP_GGUF_AVX2 */
+
+/* x quantized as the int8 kernels of format t see it (tests):
+ * q int8 (M, K), d float (M, K / qx), s int16 (M, K / 32); returns qx or -2. */
+int tp_gguf_quantize_x(int t, const float *x, int64_t M, int64_t K, int8_t *q, float *d, int16_t *s) {
+    int qk, qb;
+    deq_fn deq;
+    if (!fmt_info(t, &qk, &qb, &deq) || M < 1 || K < 1 || K % qk) return -2;
+#ifdef TP_GGUF_AVX2
+    quantize_x_avx2(x, M, K, qk, q, d, s);
+#else
+    quantize_x_scalar(x, M, K, qk, q, d, s);
+#endif
+    return qk;
+}
+
+/* y (M, N) = xq @ dequant(w).T with x quantized per block to int8 (above).
+ * rr: rows of W in flight (1, 2, 4; AVX2 only). Returns 0, -1 out of memory,
+ * -2 bad arguments. The portable build applies its float kernels to xq. */
+int tp_gguf_gemm_i8(int t, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int rr) {
+    int qk, qb;
+    deq_fn deq;
+    if (!fmt_info(t, &qk, &qb, &deq) || M < 1 || N < 1 || K < 1 || K % qk) return -2;
+    int8_t *q = (int8_t *)malloc((size_t)(M * K));
+    float *d = (float *)malloc((size_t)(M * (K / 32)) * sizeof(float));
+    int16_t *s = (int16_t *)malloc((size_t)(M * (K / 32)) * sizeof(int16_t));
+    int rc = 0;
+    if (!q || !d || !s) {
+        rc = -1;
+        goto done;
+    }
+#ifdef TP_GGUF_AVX2
+    {
+        const int ri = rr_index(rr);
+        if (ri < 0) {
+            rc = -2;
+            goto done;
+        }
+        quantize_x_avx2(x, M, K, qk, q, d, s);
+        const irows_fn(*tab)[2] = i8_tab(t);
+        const int64_t nb = K / qk, rowb = nb * qb;
+        int R = rr;
+        while (R > 1 && N < R) R >>= 1;
+        const int64_t seg = N / R, n0 = R * seg;
+        for (int64_t m0 = 0; m0 < M; m0 += GROUP) {
+            const int mg = (int)(M - m0 < GROUP ? M - m0 : GROUP);
+            const xq_t X = {q + m0 * K, d + m0 * (K / qk), s + m0 * (K / 32), K};
+            tab[rr_index(R)][mg == 1](w, rowb, nb, seg, 0, seg, &X, mg, y + m0 * N, N);
+            if (n0 < N) tab[0][mg == 1](w + n0 * rowb, rowb, nb, 1, 0, N - n0, &X, mg, y + m0 * N + n0, N);
+        }
+    }
+#else
+    {
+        (void)rr;
+        float *xq = (float *)malloc((size_t)(M * K) * sizeof(float));
+        if (!xq) {
+            rc = -1;
+            goto done;
+        }
+        quantize_x_scalar(x, M, K, qk, q, d, s);
+        xq_float(q, d, M, K, qk, xq);
+        portable_gemm(deq, qk, qb, xq, M, K, w, N, y);
+        free(xq);
+    }
+#endif
+done:
+    free(q);
+    free(d);
+    free(s);
+    return rc;
 }

@@ -28,6 +28,19 @@ call dequantizes a band of rows and hands it to torch's matmul instead; see
 ``TP_ENGINE_GGUF_KERNEL=portable`` (or ``torch``) forces a slower path, for
 tests and comparisons; the ``kernel=`` argument does the same per call.
 A forced or fallback path is logged as a warning once: never a silent slow path.
+
+Activations (``activations=`` per call, or ``TP_ENGINE_GGUF_ACTIVATIONS``;
+default :data:`DEFAULT_ACTIVATIONS`): ``"float32"`` keeps x as it is (the
+result is within float32 rounding of the exact product); ``"int8"`` rounds
+each row of x per block of 32 inputs (256 for the K-quants) to int8 with a
+float scale dx = max|x| / 127, as llama.cpp does, and the AVX2 kernels then
+take integer dot products per block (much less work per weight at M = 1).
+Its result is the exact product with the rounded x, up to float32 rounding;
+against the exact x @ W.T the error per block is at most dx / 2 * sum |w|.
+int8 applies to the direct CPU kernels (M < :data:`DEQUANT_MIN_ROWS`); the
+prefill path and CUDA keep float32 activations (there the float GEMM is the
+fast path). The portable and torch kernels compute the same rounded product
+in float.
 """
 from __future__ import annotations
 
@@ -72,6 +85,19 @@ SUPPORTED: frozenset[int] = frozenset(_BLOCKS)
 
 KERNEL_ENV = "TP_ENGINE_GGUF_KERNEL"  # "portable" or "torch": force that path (tests, comparisons)
 _KERNELS = ("avx2", "portable", "torch")
+ACTIVATIONS_ENV = "TP_ENGINE_GGUF_ACTIVATIONS"  # "int8" or "float32": the default for every call
+_ACTIVATIONS = ("float32", "int8")
+# The default activations (see the module docstring). float32 until greedy
+# parity with transformers under int8 is shown end to end: int8 is the fast
+# decode path (benchmarks/gguf_gemm.py, 2026-12-02, busy VM, thread CPU time,
+# M = 1, µs f32 / int8: Q4_K 1536x1536 231 / 138, 8960x1536 1893 / 864;
+# Q6_K 151936x1536 29313 / 17562; faster at every M <= 16 for Q4_K / Q6_K),
+# but its error is the rounding of x (dx / 2 * sum |w| per block), not float32's.
+DEFAULT_ACTIVATIONS = "float32"
+# Rows of W in flight (separate memory streams) for the int8 kernels, M = 1,
+# 1 / 2 / 4 rows: Q4_K 1536x1536 5.5 / 7.3 / 8.9 GB/s; Q6_K 151936x1536
+# 6.5 / 8.5 / 11.1 GB/s (same conditions).
+INT8_ROWS = 4
 
 # M from which dequantize-then-torch-matmul beats the direct kernels (which
 # decode every block once per 16 rows of x). Measured 2026-12-02 on the
@@ -108,7 +134,7 @@ def _check_qtype(qtype: Any) -> int:
 # ------------------------------------------------------------------ the native libraries
 
 _C_SOURCE = Path(__file__).with_name("gguf_gemm.c")
-_ABI = 1
+_ABI = 2
 # -std=c11 keeps FMA contraction off in the scalar code (dequantize_rows must
 # repeat gguf-py's float32 steps); the vector code states its FMAs.
 _FLAGS = {
@@ -146,6 +172,8 @@ def _build(kind: str) -> Any:
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], i
     lib.tp_gguf_dequant.argtypes, lib.tp_gguf_dequant.restype = [i, p, i64, i64, p], i
     lib.tp_gguf_gemm.argtypes, lib.tp_gguf_gemm.restype = [i, p, i64, i64, p, i64, p, i, i], i
+    lib.tp_gguf_gemm_i8.argtypes, lib.tp_gguf_gemm_i8.restype = [i, p, i64, i64, p, i64, p, i], i
+    lib.tp_gguf_quantize_x.argtypes, lib.tp_gguf_quantize_x.restype = [i, p, i64, i64, p, p, p], i
     if lib.tp_gguf_abi() != _ABI:
         raise RuntimeError(f"ABI {lib.tp_gguf_abi()} != {_ABI}")
     if lib.tp_gguf_is_avx2() != (kind == "avx2") or not lib.tp_gguf_cpu_ok():
@@ -294,25 +322,73 @@ def _rc(rc: int, what: str) -> None:
         raise RuntimeError(f"gguf_gemm.{what}: internal error {rc}")
 
 
+def activations_mode(activations: str | None = None) -> str:
+    """``activations`` if given, else ``$TP_ENGINE_GGUF_ACTIVATIONS``, else :data:`DEFAULT_ACTIVATIONS`."""
+    if activations is None:
+        env = os.environ.get(ACTIVATIONS_ENV, "").strip().lower()
+        if env and env not in _ACTIVATIONS:
+            raise ValueError(f"{ACTIVATIONS_ENV}={env!r}: expected one of {', '.join(_ACTIVATIONS)}")
+        return env or DEFAULT_ACTIVATIONS
+    if activations not in _ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(_ACTIVATIONS)}, got {activations!r}")
+    return activations
+
+
+def quantize_activations(x: torch.Tensor, qtype: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float32 (M, K) rounded as the int8 kernels of ``qtype`` round it: (q int8 (M, K), dx float32 (M, K // QK)).
+
+    Per block of QK inputs (QK of the format: 32, or 256 for K-quants):
+    dx = max|x| / 127 and q = round-half-even(x * (127 / max|x|)), so x is
+    taken as dx * q (|x - dx q| <= dx / 2 up to float32 rounding). A block
+    with inf or NaN gets dx = NaN; an all-zero block dx = 0. torch ops, the
+    same float32 steps as the C code (bitwise equal).
+    """
+    qt = _check_qtype(qtype)
+    qk = _BLOCKS[qt][0]
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] % qk == 0):
+        raise ValueError(f"x must be a 2-D float32 tensor with a multiple of {qk} columns, got {_desc(x)}")
+    xb = x.reshape(x.shape[0], -1, qk)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    bad = ~torch.isfinite(xb).all(dim=-1, keepdim=True)
+    ok = (amax > 0) & ~bad
+    iscale = torch.where(ok, 127.0 / torch.where(ok, amax, 1.0), 0.0)
+    q = torch.round(torch.where(ok, xb, 0.0) * iscale).to(torch.int8)
+    dx = torch.where(bad, float("nan"), amax / 127.0)
+    return q.reshape(x.shape), dx.reshape(x.shape[0], -1)
+
+
+def _dequantize_activations(q: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    m, nbx = dx.shape
+    return (q.reshape(m, nbx, -1).to(torch.float32) * dx[:, :, None]).reshape(q.shape)
+
+
 def gguf_matmul(
     x: torch.Tensor, blocks: torch.Tensor, qtype: int, k: int, out: torch.Tensor | None = None, *,
-    kernel: str | None = None,
+    kernel: str | None = None, activations: str | None = None,
 ) -> torch.Tensor:
     """float32 (M, N) = ``x @ dequantize_rows(blocks, qtype, k).T`` for x float32 (M, k) contiguous.
 
     ``out``: a preallocated contiguous float32 (M, N) result (not overlapping
     the inputs). ``kernel``: force "avx2" / "portable" / "torch" (tests and
-    comparisons; default :func:`kernel_name`'s choice). No autograd.
+    comparisons; default :func:`kernel_name`'s choice). ``activations``:
+    "float32" or "int8" (x rounded to int8 per block first; see the module
+    docstring for what it changes; default :func:`activations_mode`). No autograd.
     """
     qt, n, _ = _check_weight(blocks, qtype, k)
     m = _check_x(x, k, blocks.device)
     y = _check_out(out, m, n, blocks.device, (x, blocks))
+    int8 = activations_mode(activations) == "int8" and m < DEQUANT_MIN_ROWS
     if blocks.device.type != "cpu":  # CUDA: dequantize on the device, then torch's matmul
         torch.matmul(x, dequantize_torch(blocks, qt, k).T, out=y)
         return y
     kind, lib = _resolve(kernel)
     if lib is None:
-        torch.matmul(x, dequantize_torch(blocks, qt, k).T, out=y)
+        xe = _dequantize_activations(*quantize_activations(x, qt)) if int8 else x
+        torch.matmul(xe, dequantize_torch(blocks, qt, k).T, out=y)
+        return y
+    if int8:
+        _rc(lib.tp_gguf_gemm_i8(qt, x.data_ptr(), m, k, blocks.data_ptr(), n, y.data_ptr(), INT8_ROWS),
+            "gguf_matmul")
         return y
     if kind == "avx2" and m >= DEQUANT_MIN_ROWS:
         # prefill: decode each band of rows once and let torch's GEMM (which
