@@ -180,6 +180,143 @@ def run_mpi_paths(world: int, sizes: list[int], budget_s: float, rounds: int) ->
     return {k: ({int(s): v for s, v in r.items()} if isinstance(r, dict) else r) for k, r in results.items()}
 
 
+# -- across simulated hosts (tp_engine.launch.simhosts; root only) ------------------------
+
+CROSS_PORT = 29611  # inside fresh network namespaces: nothing else listens there
+
+
+def _cross_worker(out_json: str, backend: str, sizes: list[int], budget_s: float, rounds: int) -> None:
+    """One rank of a cross-host run (started on its simulated host with torchrun's variables)."""
+    torch.set_num_threads(1)
+    import tp_engine
+
+    rt = tp_engine.init(backend=None if backend == "auto" else backend)
+    cells = measure(rt.comm, sizes, budget_s, rounds)
+    if rt.rank == 0:
+        Path(out_json).write_text(json.dumps({"name": rt.comm.name, "cells": cells}))
+    rt.comm.barrier()
+    tp_engine.shutdown()
+
+
+def _pingpong_server(port: int) -> None:
+    """Echo length-prefixed messages until a zero length arrives."""
+    srv = socket.create_server(("0.0.0.0", port))
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(max(SIZES) + 8)
+    view = memoryview(buf)
+    while True:
+        n = int.from_bytes(_recv_exact(conn, view[:8]), "little")
+        if n == 0:
+            break
+        _recv_exact(conn, view[:n])
+        conn.sendall(view[:n])
+    conn.close()
+    srv.close()
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview:
+    got = 0
+    while got < view.nbytes:
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        got += n
+    return view
+
+
+def _pingpong_client(addr: str, port: int, out_json: str, sizes: list[int], budget_s: float, rounds: int) -> None:
+    """Round trips of ``size`` bytes each way (Python sockets, TCP_NODELAY): the floor for a 2-host all-reduce."""
+    for _ in range(100):
+        try:
+            conn = socket.create_connection((addr, port))
+            break
+        except OSError:
+            time.sleep(0.1)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    back = memoryview(bytearray(max(sizes)))
+    best: dict[int, dict[str, float]] = {}
+    for _ in range(rounds):
+        for n in sizes:
+            payload = n.to_bytes(8, "little") + bytes(n)
+            times = []
+            end = time.perf_counter() + budget_s / rounds
+            while (len(times) < MIN_ITERS or time.perf_counter() < end) and len(times) < MAX_ITERS:
+                a = time.perf_counter()
+                conn.sendall(payload)
+                _recv_exact(conn, back[:n])
+                times.append(time.perf_counter() - a)
+            t = torch.tensor(times[5:], dtype=torch.float64) * 1e6
+            cell = {"median": float(t.median()), "p90": float(t.quantile(0.9)), "iters": len(times) - 5}
+            if n not in best or cell["median"] < best[n]["median"]:
+                best[n] = cell
+    conn.sendall((0).to_bytes(8, "little"))
+    conn.close()
+    Path(out_json).write_text(json.dumps(best))
+
+
+def run_cross_host(sizes: list[int], budget_s: float, rounds: int, backends: list[str]) -> dict:
+    """Rows across 2 simulated hosts: the TCP round trip, then 2 x 1 and 2 x 2 ranks per backend."""
+    try:
+        from tp_engine.launch.simhosts import SimHosts, unavailable
+    except ImportError:
+        return {"across hosts": "unavailable: no tp_engine.launch.simhosts"}
+    reason = unavailable()
+    if reason is not None:
+        return {"across hosts": f"unavailable: {reason}"}
+    me = str(Path(__file__).resolve())
+    common = ["--budget", str(budget_s), "--rounds", str(rounds), "--sizes", ",".join(map(str, sizes))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TP_ENGINE_HOST_ID"):
+        env.pop(var, None)
+    results: dict = {}
+    with SimHosts(2) as hosts, tempfile.TemporaryDirectory() as tmp:
+        master = hosts.hosts[0].address
+        out = os.path.join(tmp, "pingpong.json")
+        server = hosts.popen(1, [sys.executable, me, "--pingpong-server", str(CROSS_PORT)], env=env)
+        client = hosts.run(0, [sys.executable, me, "--pingpong-client", hosts.hosts[1].address, str(CROSS_PORT), out] + common,
+                           env=env, timeout=600)
+        server.wait(timeout=60)
+        results["TCP round trip, 2 hosts (Python ping-pong, size each way)"] = (
+            {int(k): v for k, v in json.loads(Path(out).read_text()).items()} if client.returncode == 0
+            else f"failed: {client.stderr.strip()[-300:]}"
+        )
+        for per_host in (1, 2):
+            world = 2 * per_host
+            for backend in backends:
+                out = os.path.join(tmp, f"{per_host}-{backend}.json")
+                procs = []
+                for rank in range(world):
+                    h, local = divmod(rank, per_host)
+                    rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
+                                    MASTER_ADDR=master, MASTER_PORT=str(CROSS_PORT + 1))
+                    argv = [sys.executable, me, "--cross-worker", out, "--backend", backend] + common
+                    procs.append(hosts.popen(h, argv, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                logs = [p.communicate(timeout=600)[0] for p in procs]
+                if all(p.returncode == 0 for p in procs) and os.path.exists(out):
+                    data = json.loads(Path(out).read_text())
+                    results[f"2 hosts × {per_host} rank{'s' if per_host > 1 else ''}: {data['name']}"] = {
+                        int(k): v for k, v in data["cells"].items()}
+                else:
+                    results[f"2 hosts × {per_host}: {backend}"] = f"failed: {logs[0].strip()[-300:]}"
+    return results
+
+
+def cross_host_summary(results: dict, sizes: list[int]) -> list[str]:
+    """The issue's targets, checked against the measured medians."""
+    rtt = results.get("TCP round trip, 2 hosts (Python ping-pong, size each way)")
+    one = next((v for k, v in results.items() if k.startswith("2 hosts × 1 rank:") and "gloo" not in k), None)
+    two = next((v for k, v in results.items() if k.startswith("2 hosts × 2 ranks:") and "gloo" not in k), None)
+    lines = []
+    if isinstance(rtt, dict) and isinstance(one, dict) and 4096 in sizes:
+        ratio = one[4096]["median"] / rtt[4096]["median"]
+        lines.append(f"4 KiB, 2 hosts × 1: {ratio:.2f}× the TCP round trip (target ≤ 2×)")
+    if isinstance(one, dict) and isinstance(two, dict):
+        ratios = ", ".join(f"{_fmt_size(s)} {two[s]['median'] / one[s]['median']:.2f}×" for s in sizes)
+        lines.append(f"2 × 2 over 2 × 1: {ratios} (target ≤ 1.5×)")
+    return lines
+
+
 # -- report ---------------------------------------------------------------------------
 
 
@@ -241,11 +378,42 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="sweeps over the sizes; the best is kept")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="bytes, comma separated")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--cross-host", action="store_true",
+                    help="only the rows across 2 simulated hosts (root; tp_engine.launch.simhosts)")
+    ap.add_argument("--cross-backends", default="auto,gloo", help="backends for the cross-host rows")
     ap.add_argument("--mpi-worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--cross-worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--pingpong-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--pingpong-client", nargs=3, metavar=("ADDR", "PORT", "OUT_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.mpi_worker:
         _mpi_worker(args.mpi_worker, sizes, args.budget, args.rounds)
+        return
+    if args.cross_worker:
+        _cross_worker(args.cross_worker, args.backend, sizes, args.budget, args.rounds)
+        return
+    if args.pingpong_server:
+        _pingpong_server(args.pingpong_server)
+        return
+    if args.pingpong_client:
+        addr, port, out = args.pingpong_client
+        _pingpong_client(addr, int(port), out, sizes, args.budget, args.rounds)
+        return
+    if args.cross_host:
+        start = time.perf_counter()
+        results = run_cross_host(sizes, args.budget, args.rounds, args.cross_backends.split(","))
+        title = (f"all-reduce across 2 simulated hosts (network namespaces on a bridge), {_cpu_name()} "
+                 f"({os.cpu_count()} cores), torch {torch.__version__}, {datetime.date.today()}")
+        print(f"# {title}\n")
+        print(table(results, sizes))
+        print("\n" + "\n".join(cross_host_summary(results, sizes)))
+        if not args.no_plot:
+            outs = [ROOT / "benchmarks" / "out" / "allreduce_cross_host.png", ROOT / "docs" / "allreduce_cross_host.png"]
+            plot(results, sizes, outs, title)
+            print("plot: " + ", ".join(str(p.relative_to(ROOT)) for p in outs))
+        print(f"({time.perf_counter() - start:.0f} s)")
         return
 
     start = time.perf_counter()

@@ -78,3 +78,20 @@ def test_choice_is_the_fastest_and_shares_are_consistent(bws, per_host, allreduc
         # a slower all-reduce never makes a layout faster
         slower = Links(tuple(bws), hosts, allreduce * 2 + 1e-6, hop, local_allreduce_s=allreduce / 5 + 1e-6)
         assert predict(p.layout, model, slower, in_flight).seconds_per_token >= p.seconds_per_token - 1e-12
+
+
+def test_measured_links_of_a_live_group(monkeypatch):
+    """measure_links on 4 thread ranks posing as 2 hosts x 2: every figure positive, hosts found, a choice made."""
+    from tp_engine.comm.host_identity import HOST_ID_ENV
+    from tp_engine.comm.threads import run_threads
+    from tp_engine.launch.measure import measure_links
+
+    monkeypatch.setenv(HOST_ID_ENV, "a,a,b,b")
+    out = run_threads(lambda comm: measure_links(comm, hidden=1024), 4, timeout=120)
+    links = out[0]
+    assert all(o == links for o in out[1:])  # every rank decides from the same numbers
+    assert links.host_of == (0, 0, 1, 1)
+    assert min(links.bandwidth) > 1e8 and links.allreduce_s > 0 and links.hop_s > 0
+    assert links.local_allreduce_s is not None and links.local_allreduce_s > 0
+    chosen, ranked = choose(ModelCost(4e8, 12), links)
+    assert {p.layout.kind for p in ranked} == {"tp", "pp", "hybrid"} and chosen is ranked[0]

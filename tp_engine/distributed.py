@@ -23,9 +23,13 @@ import torch
 import torch.distributed as dist
 
 from .comm.base import Communicator, SingleProcessCommunicator
+from .comm.hierarchical import describe, mpi_hierarchical, torch_hierarchical
+from .comm.host_identity import detect_hosts
 from .comm.mpi import MPICommunicator, mpi_world_from_env
 from .comm.shm import ShmCommunicator, try_shm_communicator
 from .comm.torch_dist import TorchDistCommunicator
+from .comm.watchdog import Watchdog
+from .launch.interface import ensure_gloo_interface, host_addresses, rendezvous_source
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -40,6 +44,7 @@ class Runtime:
     device: torch.device
     comm: Communicator
     launcher: str  # "single", "torchrun", "mpirun" or "launch"
+    watchdog: Watchdog | None = None  # heartbeats to the peers (TP_ENGINE_PEER_TIMEOUT), when running
 
     @property
     def is_main(self) -> bool:
@@ -112,7 +117,10 @@ def init(backend: str | None = None, device: str | torch.device | None = None) -
     one process. ``backend`` (or ``TP_ENGINE_BACKEND``): ``auto`` picks MPI
     through mpi4py under mpirun on CPU, the shared-memory path under
     torchrun when all ranks share a host, NCCL on CUDA, gloo otherwise.
-    Idempotent: later calls return the same Runtime.
+    Idempotent: later calls return the same Runtime. With gloo and no
+    ``GLOO_SOCKET_IFNAME``, the interface that reaches ``MASTER_ADDR`` is
+    used; across ranks a heartbeat watchdog (``TP_ENGINE_PEER_TIMEOUT``)
+    stops this rank, naming the peer, when one dies or falls silent.
     """
     global _runtime
     if _runtime is not None:
@@ -138,8 +146,14 @@ def init(backend: str | None = None, device: str | torch.device | None = None) -
         comm = _mpirun_communicator(choice, dev, rank, world_size)
     else:
         comm = _torchrun_communicator(choice, dev, rank, world_size)
-    _runtime = Runtime(rank, world_size, local_rank, dev, comm, launcher)
+    _runtime = Runtime(rank, world_size, local_rank, dev, comm, launcher, _start_watchdog(comm, dev))
     return _runtime
+
+
+def _start_watchdog(comm: Communicator, dev: torch.device) -> Watchdog | None:
+    """Heartbeats to every peer, so a lost or stopped host ends the job in seconds (collective)."""
+    watchdog = Watchdog(comm, device=dev, addresses=host_addresses(), primary=rendezvous_source()).start()
+    return watchdog if watchdog.active else None
 
 
 def _init_torch_distributed(torch_backend: str, dev: torch.device, rank: int, world_size: int) -> None:
@@ -152,6 +166,8 @@ def _init_torch_distributed(torch_backend: str, dev: torch.device, rank: int, wo
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(f"tp_engine.init: RANK/WORLD_SIZE are set but {var} is not")
+    if torch_backend == "gloo":
+        ensure_gloo_interface(rank)  # a host name that does not resolve would leave gloo on loopback
     kwargs: dict[str, Any] = {}
     if dev.type == "cuda" and torch_backend == "nccl":
         kwargs["device_id"] = dev
@@ -174,9 +190,22 @@ def _torchrun_communicator(choice: str, dev: torch.device, rank: int, world_size
             return fallback
         if choice == "shm":
             return ShmCommunicator(fallback)
-        return try_shm_communicator(fallback) or fallback
+        layout = detect_hosts(fallback)
+        if layout.n_hosts == 1:
+            return try_shm_communicator(fallback) or fallback
+        # Several hosts: shared memory inside each, lean TCP between host leaders
+        # (gloo's all-reduce across hosts costs ~50 network round trips).
+        address = rendezvous_source() or "127.0.0.1"  # None: MASTER_ADDR is loopback, so one machine
+        return _announce(torch_hierarchical(fallback, layout, address=address, timeout=timeout_seconds()))
     _init_torch_distributed(choice, dev, rank, world_size)
     return TorchDistCommunicator()
+
+
+def _announce(comm: Communicator) -> Communicator:
+    """Say once (rank 0, stderr) which path carries collectives across hosts."""
+    if comm.rank == 0:
+        print(f"tp-engine: collectives via {describe(comm)}", file=sys.stderr, flush=True)
+    return comm
 
 
 def _mpirun_communicator(choice: str, dev: torch.device, rank: int, world_size: int) -> Communicator:
@@ -185,6 +214,9 @@ def _mpirun_communicator(choice: str, dev: torch.device, rank: int, world_size: 
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ValueError(f"launched by mpirun but mpi4py is unavailable ({exc}); pip install mpi4py") from None
     if choice == "mpi" or (choice == "auto" and dev.type == "cpu"):
+        layout = detect_hosts(mpi) if choice == "auto" else None
+        if layout is not None and layout.n_hosts > 1 and layout.max_local > 1:
+            return _announce(mpi_hierarchical(mpi, layout))
         return mpi
     # torch.distributed under mpirun: rendezvous at rank 0's address, told over MPI.
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
@@ -198,6 +230,8 @@ def shutdown() -> None:
     """Leave the group (tests and ``launch`` call this; scripts may too)."""
     global _runtime
     if _runtime is not None:
+        if _runtime.watchdog is not None:
+            _runtime.watchdog.stop()  # a goodbye first: peers still working must not take this exit for a loss
         _runtime.comm.close()
     elif dist.is_initialized():
         dist.destroy_process_group()

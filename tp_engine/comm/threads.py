@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import queue
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -59,6 +60,11 @@ class ThreadGroup:
         self._failure: str | None = None
         self._lock = threading.Lock()
         self._comms = [ThreadCommunicator(self, r) for r in range(world_size)]
+        # Point-to-point mailboxes (tp_engine.comm.p2p) and sub-groups (tp_engine.comm.groups):
+        # made on first use; sub-groups are aborted with their parent.
+        self._mailboxes: dict[tuple[int, int, int], queue.Queue] = {}
+        self._children: dict[Any, list["ThreadGroup"]] = {}
+        self._layouts: dict[Any, tuple] = {}
 
     def comm(self, rank: int) -> "ThreadCommunicator":
         """The communicator of ``rank`` (each rank's thread must use only its own)."""
@@ -71,7 +77,42 @@ class ThreadGroup:
         with self._lock:
             if self._failure is None:
                 self._failure = why
+            children = [g for groups in self._children.values() for g in groups]
         self._barrier.abort()
+        for child in children:
+            child.abort(why)
+
+    def mailbox(self, src: int, dst: int, tag: int = 0) -> queue.Queue:
+        """The FIFO of messages from ``src`` to ``dst`` (with ``tag``), made on first use."""
+        key = (src, dst, tag)
+        with self._lock:
+            box = self._mailboxes.get(key)
+            if box is None:
+                box = self._mailboxes[key] = queue.Queue()
+            return box
+
+    def split(self, key: Any, groups: Sequence[Sequence[int]]) -> list["ThreadGroup"]:
+        """Child groups, one per entry of ``groups`` (lists of ranks), the same objects for every
+        rank asking with ``key``; ranks asking with one key must pass the same ``groups``.
+
+        The first rank to ask makes them; a peer failure in this group aborts them too.
+        """
+        layout = tuple(tuple(g) for g in groups)
+        with self._lock:
+            made = self._children.get(key)
+            if made is None:
+                made = [ThreadGroup(len(g), timeout=self.timeout) for g in layout]
+                self._children[key] = made
+                self._layouts[key] = layout
+                if self._failure is not None:
+                    for child in made:
+                        child._failure = self._failure
+                        child._barrier.abort()
+            elif self._layouts[key] != layout:
+                why = f"ranks asked for different sub-groups: {list(self._layouts[key])} and {list(layout)}"
+                self._failure = self._failure or why
+                raise ValueError(why)
+            return made
 
     @property
     def failure(self) -> str | None:
@@ -95,9 +136,17 @@ class ThreadCommunicator:
 
     def __init__(self, group: ThreadGroup, rank: int):
         self._group = group
+        self.group = group  # public: p2p channels and sub-groups are made from it
         self.rank = rank
         self.world_size = group.world_size
         self._closed = False
+        self._splits = 0
+
+    def next_split_key(self) -> int:
+        """The key of this rank's next sub-group request: the n-th request of every rank meets
+        the n-th of its peers, as torch's ``new_group`` and MPI's ``Split`` calls do."""
+        self._splits += 1
+        return self._splits
 
     # Every collective: post, meet, compute, meet. Any error inside aborts
     # the group, so peers are released instead of waiting out the timeout.

@@ -66,7 +66,8 @@ class TorchDistCommunicator:
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         with self._staged(tensor) as t:
-            dist.broadcast(t, src=src, group=self.group)
+            # ``src`` is a rank of this group; torch's ``src`` means a global rank (they differ in sub-groups).
+            dist.broadcast(t, group_src=src, group=self.group)
         return tensor
 
     def all_gather(

@@ -1,0 +1,3 @@
+"""Running ranks on several hosts: the network interface that reaches the
+rendezvous (:mod:`.interface`) and simulated hosts for tests and benchmarks
+(:mod:`.simhosts`, :mod:`.latency`)."""
