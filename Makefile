@@ -38,7 +38,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/load_memory.py
 
 # tp-engine vs llama.cpp on the real Qwen2.5-Coder-1.5B Q4_K_M (a quiet machine, ~15 min).
-# llama-cpp-python is a source build (cmake, several minutes): installed here, not by `make test`.
+# llama-cpp-python is a source build (cmake, ~10 min): installed here, not by `make test`. Built for
+# AVX2/AVX-512(+VNNI) without AMX: ggml's native AMX build segfaults in this VM (ggml_backend_amx_mul_mat).
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 bench-llamacpp: models
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(PY) benchmarks/vs_llamacpp.py

@@ -1,6 +1,13 @@
 """Peak memory per rank of ``tp_engine.from_pretrained`` at TP = 1, 2, 4.
 
     python benchmarks/load_memory.py [--ranks 1 2 4] [--skip-hf]
+    python benchmarks/load_memory.py --gguf [FILE.gguf | smollm2 | qwen2.5-coder-1.5b] [--ranks 1 2]
+
+``--gguf``: GGUF rows instead (default file: the bundled SmolLM2): each TP
+size loaded with ``dtype="auto"`` (quantized blocks kept) and ``float32``
+(dequantized), with growth as a fraction of the file size (the target for
+``auto`` at TP=2 is at most 0.6), both with and without the fixed cost of
+importing the model's transformers code.
 
 Creates once (cached under benchmarks/out/load_memory_ckpt/, git-ignored) a
 random Llama checkpoint of about 1 GB: float32, hidden 1024, 16 layers,
@@ -110,7 +117,7 @@ def checkpoint_bytes(path: Path) -> int:
 # ------------------------------------------------------------ workers
 
 
-def worker(mode: str, path: str) -> None:
+def worker(mode: str, path: str, dtype: str = "auto") -> None:
     """Runs in a fresh process: load, report peak RSS as one JSON line."""
     import torch
 
@@ -124,9 +131,20 @@ def worker(mode: str, path: str) -> None:
     if mode == "tp":
         tp_engine.init()  # join the group first, so its cost is in "before"
     before = _status_mib("VmRSS")
+    before_code = before
+    if mode == "tp":
+        # The model's transformers module, imported before loading and measured apart: a fixed cost
+        # whatever the model's size (for Qwen2 ~150 MiB, mostly torch._dynamo, which transformers'
+        # modeling code imports), which the GGUF rows report separately from the weights.
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        from tp_engine.loading import load_config
+
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(load_config(path))]
+        before_code = _status_mib("VmRSS")
     start = time.perf_counter()
     if mode == "tp":
-        model = from_pretrained(path)
+        model = from_pretrained(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     seconds = time.perf_counter() - start
@@ -141,6 +159,7 @@ def worker(mode: str, path: str) -> None:
             dict(
                 rank=rank,
                 before_mib=before,
+                before_code_mib=before_code,
                 load_peak_mib=load_peak,
                 peak_mib=peak,
                 status_after_forward_mib=status,
@@ -161,7 +180,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(mode: str, world: int, path: Path, timeout: float = 900) -> list[dict]:
+def run(mode: str, world: int, path: Path, timeout: float = 900, dtype: str = "auto") -> list[dict]:
     """Start ``world`` fresh processes; return their reports by rank."""
     port = _free_port()
     env_base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -178,7 +197,7 @@ def run(mode: str, world: int, path: Path, timeout: float = 900) -> list[dict]:
             )
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", mode, "--path", str(path)],
+                [sys.executable, __file__, "--worker", mode, "--path", str(path), "--dtype", dtype],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
         )
@@ -201,11 +220,19 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="skip the plain transformers baseline")
     parser.add_argument("--layers", type=int, default=DIMS["num_hidden_layers"],
                         help="decoder layers of the checkpoint (16: about 1 GB; each adds 46 MiB)")
+    parser.add_argument("--gguf", nargs="?", const="smollm2", default=None, metavar="FILE|NAME",
+                        help="GGUF rows (auto vs float32) for a .gguf file, smollm2 (bundled) or a tp-engine model name")
+    parser.add_argument("--dtypes", nargs="+", default=["auto", "float32"], choices=["auto", "float32", "bfloat16"],
+                        help="with --gguf: the dtype rows to run (auto keeps the blocks)")
     parser.add_argument("--worker", choices=["tp", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.path)
+        worker(args.worker, args.path, args.dtype)
+        return
+    if args.gguf:
+        gguf_rows(args.gguf, args.ranks, args.dtypes)
         return
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -252,6 +279,51 @@ def main() -> None:
     with open(OUT / f"{CHECKPOINT.name}.json", "w") as f:
         json.dump({"checkpoint_mib": size_mib, "dims": DIMS,
                    "rows": [{"loader": n, "tp": w, "ranks": rs} for n, w, rs in rows]}, f, indent=2)
+
+
+def gguf_file(name: str) -> Path:
+    """A .gguf path, the bundled SmolLM2 ("smollm2"), or a model assembled by tp_engine.model_files."""
+    if name.endswith(".gguf"):
+        return Path(name)
+    sys.path.insert(0, str(ROOT))
+    if name == "smollm2":
+        from tp_engine.loading import default_model_path
+
+        return Path(default_model_path())
+    from tp_engine.model_files import locate
+
+    return locate(name)
+
+
+def gguf_rows(name: str, ranks: list[int], dtypes: list[str] = ("auto", "float32")) -> None:
+    """Per-rank peak and growth of from_pretrained on a GGUF file, quantized blocks kept vs dequantized."""
+    path = gguf_file(name)
+    size_mib = path.stat().st_size / 2**20
+    rows = []
+    for dtype in dtypes:
+        for world in ranks:
+            print(f"tp_engine GGUF dtype={dtype} TP={world} ...", file=sys.stderr, flush=True)
+            rows.append((dtype, world, run("tp", world, path, dtype=dtype)))
+    print(f"\nGGUF file: {path.name}, {size_mib:.0f} MiB. Per-rank peak = VmHWM after loading and one 4-token "
+          f"forward; growth = peak - RSS just before loading (the process with torch and the group up); "
+          f"model code = RSS added by importing the model's transformers module (a fixed cost, any model size); "
+          f"net growth = growth - model code; max over ranks.\n")
+    print("| dtype | TP | per-rank peak RSS (MiB) | RSS before load (MiB) | growth (MiB) | growth / file size "
+          "| model code (MiB) | net growth (MiB) | net growth / file size | load time (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for dtype, world, reports in rows:
+        peak = max(r["peak_mib"] for r in reports)
+        before = max(r["before_mib"] for r in reports)
+        growth = max(r["peak_mib"] - r["before_mib"] for r in reports)
+        code = max(r["before_code_mib"] - r["before_mib"] for r in reports)
+        net = max(r["peak_mib"] - r["before_code_mib"] for r in reports)
+        seconds = max(r["seconds"] for r in reports)
+        print(f"| {dtype} | {world} | {peak:.0f} | {before:.0f} | {growth:.0f} | {growth / size_mib:.2f} "
+              f"| {code:.0f} | {net:.0f} | {net / size_mib:.2f} | {seconds:.1f} |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / f"gguf_{path.stem}.json", "w") as f:
+        json.dump({"file": str(path), "file_mib": size_mib,
+                   "rows": [{"dtype": d, "tp": w, "ranks": rs} for d, w, rs in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,42 @@
-"""Serving under load: `tp-engine serve` at TP=1 and TP=2, several concurrency levels.
+"""Serving under load: `tp-engine serve` at TP=1 and TP=2 against `transformers serve`, in one run.
 
-    python benchmarks/serve_load.py [--tp 1 2] [--concurrency 1 4 16 64] [--new-tokens 128] [--rounds 2]
+    python benchmarks/serve_load.py [--server tp-engine transformers] [--tp 1 2] [--concurrency 1 4 16 64]
+        [--new-tokens 128] [--rounds 2] [--transformers-mode cb plain] [--draft int8] [--plot docs/serve_load.png]
+        [--out rows.json]
 
-For each TP size a fresh server (bundled SmolLM2-135M-Instruct, one torch
-thread per rank, --max-batch = the highest concurrency) is started; at each
-concurrency level C, C clients each send ``--rounds`` streamed chat requests
-one after another (fixed prompts, greedy, exactly ``--new-tokens`` tokens:
-``ignore_eos``), through the official openai client. Reported per row:
-aggregate output tok/s (all completion tokens / wall time of the level),
-time to first token p50/p99, inter-token latency p50/p99 (gaps between
-streamed chunks, one chunk per token) and errors. Prints a Markdown table;
-``--out FILE`` also writes the rows as JSON.
+The model: the bundled SmolLM2-135M-Instruct (``tp_engine.loading.default_model_path()``, a Q4_1 GGUF).
+``transformers serve`` cannot serve that file itself (transformers 5.23: the config it reads from GGUF
+metadata has no ``architectures``, so its model manager fails with a TypeError), so the file is
+dequantized once, by transformers, into a float32 Hugging Face folder (``benchmarks/out/smollm2-hf``),
+and BOTH servers load that folder: the same float32 weights, tokenizer and chat template.
 
-Not compared here yet: ``transformers serve`` (the issue's baseline).
+Servers (a fresh one per configuration, stopped before the next starts):
+
+* ``tp-engine serve`` at each ``--tp`` (one torch thread per rank, ``--max-batch`` = the highest
+  concurrency, so no request waits for a batch place); with ``--draft int8`` each TP size runs a
+  second time with speculative steps (the requests are greedy, so they all speculate);
+* ``transformers serve`` in one process with 2 torch threads (it gets both cores, as TP=2 does), in
+  each ``--transformers-mode``: ``cb`` (``--continuous-batching``, paged attention, with a KV cache
+  sized for the run: ``--cb-num-blocks``/``--cb-block-size``/``--cb-max-batch-tokens``; its default
+  cache on CPU takes ~12 GiB and was ~3x slower per token than plain mode on the development machine)
+  or ``plain`` (no batching: one ``model.generate`` after another on its inference thread).
+
+Requests (the same to every server): streamed chat completions through the official openai client,
+greedy (temperature 0), ``max_tokens`` = ``--new-tokens``, fixed prompts; EOS is ignored so every
+request runs to full length (tp-engine: ``ignore_eos``, vLLM's extension; transformers serve has no
+such field and refuses unknown ones with a 422, so it gets ``generation_config`` with
+``eos_token_id: -1``, which its continuous batching reads as "no EOS", and ``min_new_tokens`` for
+plain ``generate``). Tokens are counted from each answer's ``usage`` (both servers send it in the
+last streamed chunk), never assumed. Before measuring, each server answers one greedy request whose
+text is compared with the first server's (the table says whether they agree).
+
+At each concurrency C, C clients each send ``--rounds`` requests one after another. Per row:
+aggregate output tok/s (all completion tokens / wall time of the level), time to first token
+p50/p99, inter-token latency p50/p99 (gaps between streamed content chunks), TPOT p50 (per request:
+(last - first token time) / (tokens - 1), robust to chunks that carry several tokens), tokens per
+request, errors. Prints a Markdown table; ``--plot`` draws tok/s and ITL p99 against concurrency.
+
+Run it on a quiet machine (nothing else running): the full default run takes about an hour.
 """
 from __future__ import annotations
 
@@ -25,7 +49,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+HF_FOLDER = ROOT / "benchmarks" / "out" / "smollm2-hf"
 PROMPTS = [
     "Explain how a refrigerator works.",
     "Write a short story about a lighthouse keeper.",
@@ -36,7 +63,7 @@ PROMPTS = [
     "Summarize the plot of Hamlet.",
     "How do vaccines train the immune system?",
 ]
-MODEL = "SmolLM2-135M-Instruct"
+TP_ENGINE_MODEL = "SmolLM2-135M-Instruct"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -47,24 +74,86 @@ def _percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def start_server(tp: int, port: int, max_batch: int) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "tp_engine", "serve", "--port", str(port), "--max-batch", str(max_batch),
-           "--max-queue", str(max_batch)]
-    if tp > 1:
-        cmd += ["--nproc", str(tp)]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
+def export_hf_folder(folder: Path = HF_FOLDER) -> Path:
+    """The bundled GGUF dequantized by transformers into a float32 HF folder (once; reused after)."""
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tp_engine.loading import default_model_path
+
+    gguf_dir, gguf_file = os.path.split(default_model_path())
+    print(f"exporting {gguf_file} to {folder} (float32)", file=sys.stderr, flush=True)
+    src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = src.config
+    del config.quantization_config  # the weights are plain float32 now; a GGUF-quantized model refuses to save
+    config.architectures = [type(src).__name__]  # missing from GGUF metadata; transformers serve needs it
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict(), strict=True)
+    model.generation_config = src.generation_config
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(folder)
+    return folder
+
+
+class Config:
+    """One server configuration: how to start it, and how to phrase a request for it."""
+
+    def __init__(self, kind: str, tp: int = 1, mode: str = "", draft: str | None = None):
+        self.kind, self.tp, self.mode, self.draft = kind, tp, mode, draft
+
+    @property
+    def name(self) -> str:
+        if self.kind == "tp-engine":
+            return f"tp-engine TP={self.tp}" + (f" {self.draft} draft" if self.draft else "")
+        return f"transformers serve ({self.mode})"
+
+    def command(self, port: int, max_batch: int, max_len: int) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        if self.kind == "tp-engine":
+            env["OMP_NUM_THREADS"] = "1"
+            cmd = [sys.executable, "-m", "tp_engine", "serve", "--model", str(HF_FOLDER), "--served-model-name",
+                   TP_ENGINE_MODEL, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_batch)]
+            if self.tp > 1:
+                cmd += ["--nproc", str(self.tp)]
+            if self.draft:
+                cmd += ["--draft", self.draft]
+            return cmd, env
+        env["OMP_NUM_THREADS"] = "2"  # the whole machine (2 cores), as tp-engine's TP=2 gets
+        cmd = [str(Path(sys.executable).with_name("transformers")), "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--device", "cpu", "--dtype", "float32", str(HF_FOLDER)]
+        if self.mode == "cb":
+            block = 32
+            blocks = -(-max_batch * max_len // block) + max_batch  # every sequence's full length, plus slack
+            cmd += ["--continuous-batching", "--cb-block-size", str(block), "--cb-num-blocks", str(blocks),
+                    "--cb-max-batch-tokens", str(max(256, max_batch))]
+        return cmd, env
+
+    def request(self, prompt: str, new_tokens: int) -> dict:
+        body = dict(messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0, stream=True)
+        if self.kind == "tp-engine":
+            return dict(body, model=TP_ENGINE_MODEL, stream_options={"include_usage": True},
+                        extra_body={"ignore_eos": True})
+        gen = {"do_sample": False, "eos_token_id": -1, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
+        return dict(body, model=str(HF_FOLDER), extra_body={"generation_config": json.dumps(gen)})
+
+
+def start_server(config: Config, port: int, max_batch: int, max_len: int, log) -> subprocess.Popen:
+    cmd, env = config.command(port, max_batch, max_len)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the TP={tp} server exited with {proc.returncode}")
+            raise RuntimeError(f"{config.name} exited with {proc.returncode} (log: {log.name})")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return proc
         except OSError:
             time.sleep(0.5)
     stop_server(proc)
-    raise RuntimeError(f"the TP={tp} server did not start")
+    raise RuntimeError(f"{config.name} did not start (log: {log.name})")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -77,36 +166,38 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def one_request(client, prompt: str, new_tokens: int) -> dict:
+async def one_request(client, config: Config, prompt: str, new_tokens: int) -> dict:
     start = time.perf_counter()
     times: list[float] = []
-    tokens = 0
-    stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text, tokens = [], None
+    stream = await client.chat.completions.create(**config.request(prompt, new_tokens))
     async for chunk in stream:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].delta.content:
             times.append(time.perf_counter())
-    return {"ttft": times[0] - start if times else float("nan"),
-            "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens}
+            text.append(chunk.choices[0].delta.content)
+    if tokens is None:
+        raise RuntimeError("the stream ended without usage (cannot count its tokens)")
+    return {"ttft": times[0] - start if times else float("nan"), "gaps": [b - a for a, b in zip(times, times[1:])],
+            "tpot": (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else float("nan"),
+            "tokens": tokens, "text": "".join(text)}
 
 
-async def run_level(url: str, concurrency: int, rounds: int, new_tokens: int) -> dict:
+async def run_level(url: str, config: Config, concurrency: int, rounds: int, new_tokens: int) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
     results, errors = [], 0
 
     async def worker(w: int) -> None:
         nonlocal errors
         for r in range(rounds):
             try:
-                results.append(await one_request(client, PROMPTS[(w + r) % len(PROMPTS)], new_tokens))
+                results.append(await one_request(client, config, PROMPTS[(w + r) % len(PROMPTS)], new_tokens))
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 errors += 1
-                print(f"  error: {type(exc).__name__}: {exc}", file=sys.stderr)
+                print(f"  error: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -114,44 +205,111 @@ async def run_level(url: str, concurrency: int, rounds: int, new_tokens: int) ->
     await client.close()
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
+    tokens = [r["tokens"] for r in results]
     return {"concurrency": concurrency, "requests": len(results), "errors": errors,
-            "tok_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
+            "tok_s": sum(tokens) / wall, "wall_s": wall, "tokens_per_request": sum(tokens) / max(1, len(tokens)),
             "ttft_p50": _percentile(ttft, 50), "ttft_p99": _percentile(ttft, 99),
-            "itl_p50": _percentile(gaps, 50), "itl_p99": _percentile(gaps, 99)}
+            "itl_p50": _percentile(gaps, 50), "itl_p99": _percentile(gaps, 99),
+            "tpot_p50": _percentile([r["tpot"] for r in results], 50)}
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == name]
+        c = [r["concurrency"] for r in mine]
+        a.plot(c, [r["tok_s"] for r in mine], marker="o", label=name)
+        b.plot(c, [1000 * r["itl_p99"] for r in mine], marker="o", label=name)
+    levels = sorted({r["concurrency"] for r in rows})
+    for ax, label in ((a, "aggregate output tok/s"), (b, "inter-token latency p99 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    b.set_yscale("log")
+    a.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--server", nargs="+", choices=["tp-engine", "transformers"], default=["tp-engine", "transformers"])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tp-engine ranks (one configuration each)")
+    parser.add_argument("--transformers-mode", nargs="+", choices=["cb", "plain"], default=["cb", "plain"],
+                        help="transformers serve with --continuous-batching (cb) and/or without (plain); default both")
+    parser.add_argument("--draft", choices=["int8", "int4"], default=None,
+                        help="also run each tp-engine TP size with --draft (speculative steps for the greedy requests)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--plot", default=None, help="write the plot here (the full run: docs/serve_load.png)")
     args = parser.parse_args()
+    if min(args.concurrency) < 1 or args.new_tokens < 2 or args.rounds < 1:
+        parser.error("--concurrency, --rounds must be >= 1 and --new-tokens >= 2")
 
-    rows = []
-    for tp in args.tp:
-        proc = start_server(tp, args.port, max(args.concurrency))
+    export_hf_folder()
+    configs = [Config("tp-engine", tp, draft=d) for tp in args.tp for d in [None] + [args.draft] * bool(args.draft)
+               if "tp-engine" in args.server]
+    configs += [Config("transformers", mode=m) for m in args.transformers_mode if "transformers" in args.server]
+    max_batch, max_len = max(args.concurrency), 128 + args.new_tokens  # the prompts are < 64 tokens with the template
+    rows, first_text, agree = [], None, {}
+    log_dir = ROOT / "benchmarks" / "out"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for config in configs:
+        log = open(log_dir / f"serve_load_{config.name.replace(' ', '_').replace('=', '').strip('()')}.log", "w")
+        proc = start_server(config, args.port, max_batch, max_len, log)
         try:
             url = f"http://127.0.0.1:{args.port}"
-            asyncio.run(run_level(url, 1, 1, 8))  # warm-up
+            warm = asyncio.run(run_level(url, config, 1, 1, args.new_tokens))  # warm-up, and the same-answer check
+            text = asyncio.run(_greedy_text(url, config, args.new_tokens))
+            first_text = text if first_text is None else first_text
+            agree[config.name] = text == first_text
+            print(f"{config.name}: warm-up {warm['tok_s']:.1f} tok/s; greedy answer "
+                  f"{'agrees' if agree[config.name] else 'DIFFERS'}", file=sys.stderr, flush=True)
             for c in args.concurrency:
-                row = dict(tp=tp, **asyncio.run(run_level(url, c, args.rounds, args.new_tokens)))
-                print(f"TP={tp} C={c}: {row['tok_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr, flush=True)
+                row = dict(server=config.name, **asyncio.run(run_level(url, config, c, args.rounds, args.new_tokens)))
+                print(f"{config.name} C={c}: {row['tok_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr, flush=True)
                 rows.append(row)
         finally:
             stop_server(proc)
-    print(f"\nSmolLM2-135M-Instruct, {args.new_tokens} tokens per request, {args.rounds} request(s) per client, "
-          f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores\n")
-    print("| TP | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            log.close()
+    title = (f"SmolLM2-135M-Instruct (float32), {args.new_tokens} tokens per request, {args.rounds} request(s) per client, "
+             f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores")
+    print(f"\n{title}\n")
+    print("| server | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+          "TPOT p50 ms | tokens/request | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['tp']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {1000 * r['ttft_p50']:.0f} | "
-              f"{1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.0f} | {1000 * r['itl_p99']:.0f} | {r['errors']} |")
+        print(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {1000 * r['ttft_p50']:.0f} | "
+              f"{1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.0f} | {1000 * r['itl_p99']:.0f} | "
+              f"{1000 * r['tpot_p50']:.0f} | {r['tokens_per_request']:.1f} | {r['errors']} |")
+    print("\nSame greedy answer as the first server: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in agree.items()))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"title": title, "rows": rows, "same_answer": agree}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot, title)
+
+
+async def _greedy_text(url: str, config: Config, new_tokens: int) -> str:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    try:
+        return (await one_request(client, config, PROMPTS[0], new_tokens))["text"]
+    finally:
+        await client.close()
 
 
 if __name__ == "__main__":

@@ -1,26 +1,27 @@
-"""Speculative decoding on the bundled SmolLM2-135M-Instruct at TP=2, CPU.
+"""With two machines (here two cores, one rank each), what is the best use of the second one?
 
-    python benchmarks/speculative.py [--new-tokens 128] [--ks 2,3,4,6] [--quick]
+    python benchmarks/speculative.py                 # the full table (issue 13): real pair, float32 and int8
+    python benchmarks/speculative.py --quick         # smoke: 2 prompts x 8 tokens, float32 only, out/quick/
 
-Target: the float32 model (the GGUF dequantized by transformers; converted
-once to safetensors under benchmarks/out/smollm2-f32, git-ignored), sharded
-over 2 local ranks (one thread each, shared-memory all-reduce), on the lean
-runtime (``tp_engine.generate(..., fast_path=True)`` for the plain rows).
-Drafts: int8 and int4 (group 32) copies of the target's own shards (placement
-"sharded"), for several k = num_draft_tokens; plus, for comparison, an
-unsharded int8 copy (a ``tp_engine.runtime.Decoder(..., weight_bits=8)`` of
-the unsharded model) replicated on both ranks and one on rank 1 only.
+Target Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, dequantized), draft Qwen2.5-Coder-0.5B-Instruct (same
+tokenizer), both from ``tp_engine.model_files.locate`` (``make models``). ``--target`` / ``--draft``
+take other files (e.g. the bundled SmolLM2 as both, for a fast check of the code paths).
 
-Workload: 8 fixed chat prompts, greedy, ``--new-tokens`` each (EOS ignored so
-every row makes the same number of tokens). tokens/s = all new tokens /
-wall time of the 8 generations (prefill included, same for every row),
-measured on rank 0 after a warm-up generation per row. Every row's tokens are
-compared with the plain (non-speculative) TP=2 greedy tokens.
+| row | target | draft |
+| --- | --- | --- |
+| a | TP=1 | none |
+| b | TP=2 | none |
+| c | TP=1 | 0.5B on the second rank, synchronous (waits for each verdict; ``overlap=False``) |
+| d | TP=1 | 0.5B on the second rank, asynchronous (drafts ahead, adaptive blocks) |
+| e | TP=2 | sharded int8 self-copy |
+| f | TP=2 | 0.5B sharded with it |
 
-Prints a markdown table; writes benchmarks/out/speculative.json and
-benchmarks/out/speculative.png (copied to docs/speculative.png); ``--quick``
-(32 new tokens, k=3) writes them under benchmarks/out/quick/ and leaves
-docs/ alone.
+Workload: 8 fixed code and chat prompts (chat template), greedy, ``--new-tokens`` each (EOS ignored, so
+every row makes the same number of tokens), one run, every row in the same invocation, each row in
+fresh processes (one thread each). tok/s = all new tokens / wall time of the 8 generations (prefill
+included), measured on rank 0 after one warm-up generation. "same as a": every prompt's tokens equal
+row a's. ``--weights int8`` quantizes target and draft (weight-only int8, ``tp_engine.quantize``) after
+loading. Writes benchmarks/out/speculative.json and .png (copied to docs/speculative.png; not with --quick).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
-CKPT = OUT / "smollm2-f32"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -45,165 +45,155 @@ os.environ.setdefault("TP_ENGINE_NO_PROGRESS", "1")
 import torch  # noqa: E402
 
 PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Implement binary search in C and explain its complexity.",
+    "Write a SQL query that returns the ten customers with the highest total order value.",
+    "Explain the difference between a process and a thread.",
+    "Write a bash one-liner that counts the lines of every .py file in a directory tree.",
     "What is tensor parallelism? Answer in two sentences.",
-    "Write a short poem about the sea.",
-    "Explain why the sky is blue to a ten year old.",
-    "List three uses of a paperclip.",
-    "What is the capital of France, and what is it famous for?",
-    "Give me a recipe for a simple tomato soup.",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do I reverse a list in Python?",
+    "Refactor this loop into a list comprehension: result = []\nfor x in xs:\n    if x > 0:\n        result.append(x * 2)",
+    "Give three tips for writing readable code.",
 ]
+ROWS = {
+    "a": ("TP=1", "none", 1),
+    "b": ("TP=2", "none", 2),
+    "c": ("TP=1", "0.5B on rank 1, synchronous", 2),
+    "d": ("TP=1", "0.5B on rank 1, asynchronous", 2),
+    "e": ("TP=2", "int8 self-copy, sharded", 2),
+    "f": ("TP=2", "0.5B sharded with it", 2),
+}
 
 
-def ensure_checkpoint() -> Path:
-    """The bundled GGUF, dequantized once to a float32 safetensors folder (fast to load)."""
-    if (CKPT / "config.json").exists() and any(CKPT.glob("*.safetensors")):
-        return CKPT
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tp_engine.loading import default_model_path, load_tokenizer
-
-    path = default_model_path()
-    folder, name = os.path.split(path)
-    print(f"converting {path} to {CKPT} ...", file=sys.stderr, flush=True)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name), dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    tmp = CKPT.with_name(CKPT.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    load_tokenizer(path).save_pretrained(tmp)
-    os.replace(tmp, CKPT)
-    return CKPT
-
-
-def rows(ks: list[int]) -> list[tuple[str, str | None, int, str]]:
-    """(name, draft kind, k, placement)."""
-    out = [("TP=2, no draft", None, 0, "-")]
-    out += [(f"int8 draft, k={k}", "int8", k, "sharded") for k in ks]
-    out += [(f"int4 draft, k={k}", "int4", k, "sharded") for k in ks]
-    best = 3 if 3 in ks else ks[0]
-    out += [(f"int8 draft replicated, k={best}", "int8-full", best, "replicated")]
-    out += [(f"int8 draft on rank 1, k={best}", "int8-full", best, "one-rank")]
-    return out
-
-
-def worker(new_tokens: int, ks: list[int]) -> dict:
+def worker(row: str, target_path: str, draft_path: str, weights: str, prompts: list, new_tokens: int, k: int) -> dict:
     import tp_engine
+    from tp_engine.async_speculative import async_speculative_generate, target_group
     from tp_engine.comm.base import SingleProcessCommunicator
-    from tp_engine.loading import load_tokenizer
-    from tp_engine.runtime import Decoder
+    from tp_engine.quantize import quantize
     from tp_engine.speculative import speculative_generate
 
     torch.set_num_threads(1)
     rt = tp_engine.init()
-    rank = rt.rank
-    model = tp_engine.from_pretrained(str(CKPT))
-    tok = load_tokenizer(str(CKPT))
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt")
-        for p in PROMPTS
-    ]
-    prompts = [p["input_ids"] if not isinstance(p, torch.Tensor) else p for p in prompts]
-    full_int8 = None
-    results = []
-    for name, kind, k, placement in rows(ks):
-        if kind == "int8-full" and full_int8 is None:
-            from transformers import AutoModelForCausalLM
 
-            full = AutoModelForCausalLM.from_pretrained(str(CKPT), dtype=torch.float32).eval()
-            full_int8 = Decoder(full, comm=SingleProcessCommunicator(), weight_bits=8)
+    def load(path, comm):
+        model = tp_engine.from_pretrained(path, dtype=torch.float32, comm=comm)
+        if weights == "int8":
+            quantize(model, bits=8)
+        return model
 
-        def run(ids):
-            if kind is None:
-                return tp_engine.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], fast_path=True), None
-            draft, draft_rank = kind, None
-            if kind == "int8-full":
-                draft = full_int8 if (placement == "replicated" or rank == 1) else None
-                draft_rank = 1 if placement == "one-rank" else None
-            return speculative_generate(
-                model, ids, new_tokens, draft, num_draft_tokens=k, draft_rank=draft_rank,
-                eos_token_id=[], group_size=32,
-            )
+    if row in ("c", "d"):
+        group = target_group(rt.comm, 1)
+        model = load(target_path, group) if group is not None else None
+        draft = load(draft_path, SingleProcessCommunicator()) if group is None else None
+    else:
+        model = load(target_path, rt.comm)
+        draft = load(draft_path, rt.comm) if row == "f" else None  # sharded over the same ranks
 
-        run(prompts[0][:, :8])  # warm-up: builds the draft, allocates caches
-        rt.comm.barrier()
-        t0 = time.perf_counter()
-        texts, drafted, accepted, rounds = [], 0, 0, 0
-        for ids in prompts:
-            out, stats = run(ids)
-            texts.append(out[0, ids.shape[1]:].tolist())
-            if stats is not None:
-                drafted, accepted, rounds = drafted + stats.drafted, accepted + stats.accepted, rounds + stats.rounds
-        elapsed = time.perf_counter() - t0
-        n = sum(len(t) for t in texts)
-        results.append({
-            "name": name, "draft": kind, "k": k, "placement": placement, "tokens_per_s": n / elapsed,
-            "acceptance": accepted / drafted if drafted else None,
-            "tokens_per_round": (n - len(prompts)) / rounds if rounds else None,
-            "tokens": texts, "comm": rt.comm.name,
-        })
-        if rank == 0:
-            r = results[-1]
-            acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-            print(f"  {name}: {r['tokens_per_s']:.1f} tok/s, acceptance {acc}", file=sys.stderr, flush=True)
-    return {"rank": rank, "results": results}
+    def run(ids, n):
+        if row in ("a", "b"):
+            return tp_engine.generate(model, ids, max_new_tokens=n, eos_token_id=[], do_sample=False, fast_path=True), None
+        if row in ("c", "d"):
+            return async_speculative_generate(model, ids, n, draft, 1, num_draft_tokens=k, eos_token_id=[],
+                                              overlap=row == "d")
+        return speculative_generate(model, ids, n, "int8" if row == "e" else draft, num_draft_tokens=k, eos_token_id=[])
+
+    ids_list = [torch.tensor([p]) for p in prompts]
+    run(ids_list[0], 4)  # warm-up: builds decoders and drafts, allocates caches
+    rt.comm.barrier()
+    t0 = time.perf_counter()
+    texts, drafted, accepted, rounds, stale = [], 0, 0, 0, 0
+    for ids in ids_list:
+        out, stats = run(ids, new_tokens)
+        texts.append(out[0, ids.shape[1]:].tolist())
+        if stats is not None:
+            drafted, accepted, rounds = drafted + stats.drafted, accepted + stats.accepted, rounds + stats.rounds
+            stale += getattr(stats, "stale", 0)
+    elapsed = time.perf_counter() - t0
+    n = sum(len(t) for t in texts)
+    return {"row": row, "tokens_per_s": n / elapsed, "acceptance": accepted / drafted if drafted else None,
+            "tokens_per_round": n / rounds if rounds else None, "stale": stale, "tokens": texts, "comm": rt.comm.name}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--ks", default="2,3,4,6")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, k=3; writes under benchmarks/out/quick, not docs/")
+    parser.add_argument("--k", type=int, default=4, help="num_draft_tokens (the cap of an adaptive block)")
+    parser.add_argument("--weights", default="float32,int8", help="float32, int8 or both")
+    parser.add_argument("--rows", default="abcdef")
+    parser.add_argument("--target", default=None, help="target GGUF/checkpoint (default: Qwen2.5-Coder-1.5B)")
+    parser.add_argument("--draft", default=None, help="draft GGUF/checkpoint (default: Qwen2.5-Coder-0.5B)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompts x 8 tokens, float32; out/quick/")
     args = parser.parse_args()
-    ks = [int(k) for k in args.ks.split(",")]
-    if args.quick:
-        args.new_tokens, ks = 32, [3]
-    ensure_checkpoint()
     import tp_engine
+    from tp_engine.loading import load_tokenizer
+    from tp_engine.model_files import locate
 
+    target = args.target or str(locate("qwen2.5-coder-1.5b"))
+    draft = args.draft or str(locate("qwen2.5-coder-0.5b"))
+    prompts_text = PROMPTS[:2] if args.quick else PROMPTS
+    if args.quick:
+        args.new_tokens, args.weights = 8, "float32"
+    tok = load_tokenizer(target)
+    prompts = []
+    for p in prompts_text:
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        prompts.append(ids[0].tolist())
     out = OUT / "quick" if args.quick else OUT
     out.mkdir(parents=True, exist_ok=True)
-    per_rank = tp_engine.launch(worker, 2, args.new_tokens, ks, threads_per_rank=1)
-    results = per_rank[0]["results"]
-    baseline = results[0]
-    print(f"\nSmolLM2-135M-Instruct float32, TP=2 ({baseline['comm']}), 8 prompts x {args.new_tokens} new tokens, greedy\n")
-    print("| setup | placement | tok/s | vs TP=2 | acceptance | tokens/round | same tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        same = all(a == b for a, b in zip(r["tokens"], baseline["tokens"]))
-        r["same_tokens"] = same
-        r["speedup"] = r["tokens_per_s"] / baseline["tokens_per_s"]
-        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-        tpr = "-" if r["tokens_per_round"] is None else f"{r['tokens_per_round']:.2f}"
-        print(f"| {r['name']} | {r['placement']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {acc} | {tpr} | {'yes' if same else 'NO'} |")
-    for r in results:
-        r.pop("tokens")
-    (out / "speculative.json").write_text(json.dumps({"new_tokens": args.new_tokens, "results": results}, indent=1))
-    plot(results, args.new_tokens, out, copy_to_docs=not args.quick)
+    date = time.strftime("%Y-%m-%d")
+    tables = {}
+    for weights in args.weights.split(","):
+        results = []
+        for row in args.rows:
+            world = ROWS[row][2]
+            print(f"row {row} ({weights}) ...", file=sys.stderr, flush=True)
+            r = tp_engine.launch(worker, world, row, target, draft, weights, prompts, args.new_tokens, args.k,
+                                 threads_per_rank=1)[0]
+            results.append(r)
+        base = next((r for r in results if r["row"] == "a"), results[0])
+        b = next((r for r in results if r["row"] == "b"), None)
+        print(f"\n{Path(target).name} (target) / {Path(draft).name} (draft), weights {weights}, {len(prompts)} prompts x "
+              f"{args.new_tokens} new tokens, greedy, k={args.k}, {date}\n")
+        print("| row | target | draft | tok/s | vs a | vs b | acceptance | tokens/round | same as a |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            r["same_as_a"] = r["tokens"] == base["tokens"]
+            r["vs_a"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["vs_b"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+            acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+            tpr = "-" if r["tokens_per_round"] is None else f"{r['tokens_per_round']:.2f}"
+            vs_b = "-" if r["vs_b"] is None else f"{r['vs_b']:.2f}x"
+            t, d, _ = ROWS[r["row"]]
+            print(f"| {r['row']} | {t} | {d} | {r['tokens_per_s']:.2f} | {r['vs_a']:.2f}x | {vs_b} | {acc} | {tpr} | "
+                  f"{'yes' if r['same_as_a'] else 'NO'} |")
+        for r in results:
+            r.pop("tokens")
+        tables[weights] = results
+    (out / "speculative.json").write_text(json.dumps(
+        {"date": date, "target": target, "draft": draft, "new_tokens": args.new_tokens, "k": args.k, "tables": tables},
+        indent=1))
+    plot(tables, out, copy_to_docs=not args.quick)
 
 
-def plot(results: list[dict], new_tokens: int, out: Path, copy_to_docs: bool) -> None:
+def plot(tables: dict, out: Path, copy_to_docs: bool) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    base = results[0]["tokens_per_s"]
-    for kind, marker in (("int8", "o"), ("int4", "s")):
-        pts = [(r["k"], r["tokens_per_s"]) for r in results if r["draft"] == kind and r["placement"] == "sharded"]
-        if pts:
-            ax.plot(*zip(*pts), marker=marker, label=f"{kind} self-copy draft (sharded)")
-    ax.axhline(base, color="gray", linestyle="--", label="TP=2, no draft")
-    ax.axhline(1.5 * base, color="gray", linestyle=":", label="1.5x target")
-    ax.set_xlabel("k (draft tokens per round)")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(tables))
+    for i, (weights, results) in enumerate(tables.items()):
+        xs = [j + i * width for j in range(len(results))]
+        ax.bar(xs, [r["tokens_per_s"] for r in results], width, label=weights)
+    first = next(iter(tables.values()))
+    ax.set_xticks([j + width * (len(tables) - 1) / 2 for j in range(len(first))])
+    ax.set_xticklabels([f"{r['row']}: {ROWS[r['row']][0]}\n{ROWS[r['row']][1]}" for r in first], fontsize=6)
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"SmolLM2-135M TP=2 speculative decoding ({new_tokens} tokens x 8 prompts)")
+    ax.set_title("Qwen2.5-Coder-1.5B, two ranks: what should the second one do?")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "speculative.png", dpi=120)

@@ -1,4 +1,6 @@
 """The placement model: predicted seconds per token of TP, PP and hybrid layouts, and the choice."""
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,3 +97,39 @@ def test_measured_links_of_a_live_group(monkeypatch):
     assert links.local_allreduce_s is not None and links.local_allreduce_s > 0
     chosen, ranked = choose(ModelCost(4e8, 12), links)
     assert {p.layout.kind for p in ranked} == {"tp", "pp", "hybrid"} and chosen is ranked[0]
+
+
+def _decide_rank(comm, delay_s: float, placement: str, greedy: bool = True):
+    from tp_engine.launch.decide import decide
+    from tp_engine.launch.latency import LatencyCommunicator
+
+    slow = LatencyCommunicator(comm, delay_s)
+    config = SimpleNamespace(num_hidden_layers=24, hidden_size=1024)
+    return decide(slow, config, weight_bytes=4e8, placement=placement, greedy=greedy)
+
+
+@pytest.mark.parametrize("delay_s, expected", [(0.0, "tp"), (5e-3, "pp")])
+def test_auto_placement_across_hosts_follows_the_link(monkeypatch, delay_s, expected):
+    """Two thread ranks posing as two hosts: a fast link keeps TP, a slow one (emulated 5 ms) moves to PP."""
+    from tp_engine.comm.host_identity import HOST_ID_ENV
+    from tp_engine.comm.threads import run_threads
+
+    monkeypatch.setenv(HOST_ID_ENV, "a,b")
+    decisions = run_threads(_decide_rank, 2, delay_s, "auto", timeout=120)
+    assert decisions[0].kind == decisions[1].kind == expected
+    d = decisions[0]
+    assert d.chosen is d.ranked[0] and d.lines()[0].startswith(f"placement: {expected} (measured)")
+    assert (d.pp, d.stage_shares is not None) == ((2, True) if expected == "pp" else (1, False))
+
+
+def test_placement_on_one_host_and_refusals(monkeypatch):
+    from tp_engine.comm.host_identity import HOST_ID_ENV
+    from tp_engine.comm.threads import run_threads
+
+    monkeypatch.delenv(HOST_ID_ENV, raising=False)
+    assert [d.kind for d in run_threads(_decide_rank, 2, 0.0, "auto", timeout=60)] == ["tp", "tp"]
+    assert run_threads(_decide_rank, 2, 0.0, "auto", False, timeout=60)[0].reason.startswith("sampling")
+    with pytest.raises(ValueError, match="greedily only"):
+        run_threads(_decide_rank, 2, 0.0, "pp", False, timeout=60)
+    with pytest.raises(ValueError, match="hybrid"):
+        run_threads(_decide_rank, 2, 0.0, "hybrid", timeout=60)

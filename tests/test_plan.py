@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tp_engine.plan import ModelDims, normalize_shares, plan_model, split_by_shares
+from tp_engine.plan import ModelDims, normalize_shares, plan_model, split_by_shares, split_in_units
 
 SMOLLM2 = ModelDims(num_q_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536, vocab_size=49152)
 
@@ -163,3 +163,129 @@ def test_split_by_shares_is_proportional(total, shares):
     weight = sum(shares)
     for piece, share in zip(pieces, shares):
         assert abs(len(piece) - total * share / weight) < 1
+
+
+# ------------------------------------------------------------ block-aligned MLP cuts (GGUF)
+
+QWEN25_15B = ModelDims(num_q_heads=12, num_kv_heads=2, head_dim=128, hidden_size=1536, intermediate_size=8960,
+                       vocab_size=151936)
+
+
+def test_qwen_mlp_cut_on_k_quant_blocks():
+    # 8960 = 35 x 256: an even cut (4480) would split a Q4_K/Q6_K block of the down projection.
+    plain = plan_model(QWEN25_15B, 2)
+    assert counts(plain, "mlp_columns") == [4480, 4480]
+    plan = plan_model(QWEN25_15B, 2, mlp_unit=256)
+    assert [(r.mlp_columns.start, r.mlp_columns.stop) for r in plan.ranks] == [(0, 18 * 256), (18 * 256, 8960)]
+    assert plan.mlp_unit == 256 and "blocks of 256" in plan.describe()
+    # Heads and vocabulary are not affected by the MLP unit.
+    assert [r.q_heads for r in plan.ranks] == [r.q_heads for r in plain.ranks]
+    assert [r.vocab for r in plan.ranks] == [r.vocab for r in plain.ranks]
+
+
+def test_mlp_unit_must_be_positive():
+    with pytest.raises(ValueError, match="unit must be a positive integer"):
+        plan_model(SMOLLM2, 2, mlp_unit=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 50000), st.sampled_from([1, 32, 64, 256]), st.lists(st.integers(1, 9), min_size=1, max_size=8))
+def test_split_in_units_cuts_on_block_boundaries(total, unit, shares):
+    pieces = split_in_units(total, normalize_shares(len(shares), shares), unit)
+    _tiles(pieces, total)
+    weight = sum(shares)
+    for piece, share in zip(pieces, shares):
+        # Every cut is on a block boundary (or the end) ...
+        assert piece.start % unit == 0 or piece.start == total
+        assert piece.stop % unit == 0 or piece.stop == total
+        # ... and each rank is within two blocks of its exact share (one for rounding
+        # whole units, one for a last partial unit counted as whole).
+        assert abs(len(piece) - total * share / weight) < 2 * unit + 1
+    if unit == 1:
+        assert pieces == split_by_shares(total, normalize_shares(len(shares), shares))
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests(), st.sampled_from([32, 256]))
+def test_plan_with_mlp_unit_tiles_on_blocks(request, unit):
+    dims, world, shares = request
+    plan = plan_model(dims, world, shares, mlp_unit=unit)
+    _tiles([r.mlp_columns for r in plan.ranks], dims.intermediate_size)
+    for r in plan.ranks:
+        assert r.mlp_columns.start % unit == 0 or r.mlp_columns.start == dims.intermediate_size
+
+
+# ------------------------------------------------------------ pipeline stages and TP x PP layouts
+
+from tp_engine.plan import HybridLayout, plan_stages  # noqa: E402
+
+
+def test_plan_stages_examples():
+    assert plan_stages(4, 2) == [range(0, 2), range(2, 4)]
+    assert plan_stages(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]  # uneven: earlier stages take the extra
+    assert plan_stages(8, 2, [3, 1]) == [range(0, 6), range(6, 8)]
+    assert plan_stages(3, 3, [100, 1, 1]) == [range(0, 1), range(1, 2), range(2, 3)]  # every stage keeps a layer
+
+
+@pytest.mark.parametrize("layers, pp, shares, message", [
+    (2, 3, None, "cannot cut 2 layers into 3 pipeline stages"),
+    (4, 2, [1, 1, 1], "stage shares has 3 entries but there are 2 pipeline stages"),
+    (4, 0, None, "positive integer"),
+    (4, 2, [1, -1], "positive finite"),
+])
+def test_plan_stages_refuses(layers, pp, shares, message):
+    with pytest.raises(ValueError, match=message):
+        plan_stages(layers, pp, shares)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 80), st.data())
+def test_plan_stages_properties(layers, data):
+    pp = data.draw(st.integers(1, layers))
+    shares = data.draw(st.none() | st.lists(st.integers(1, 9), min_size=pp, max_size=pp))
+    stages = plan_stages(layers, pp, shares)
+    # Contiguous, in order, covering every layer once, none empty.
+    assert stages[0].start == 0 and stages[-1].stop == layers
+    assert all(a.stop == b.start for a, b in zip(stages, stages[1:]))
+    assert all(len(s) >= 1 for s in stages)
+    # Each stage is within one layer (plus the one-layer minimum) of its share.
+    weights = shares or [1] * pp
+    for s, w in zip(stages, weights):
+        ideal = 1 + (layers - pp) * w / sum(weights)
+        assert abs(len(s) - ideal) < 1
+    # A larger share never gets fewer layers.
+    for (s1, w1), (s2, w2) in zip(zip(stages, weights), zip(stages[1:], weights[1:])):
+        if w1 > w2:
+            assert len(s1) >= len(s2)
+
+
+def test_hybrid_layout_orders():
+    tp_inner = HybridLayout(4, 2)
+    assert tp_inner.tp_groups == [[0, 1], [2, 3]]
+    assert [tp_inner.position(r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    pp_inner = HybridLayout(4, 2, "pp_inner")
+    assert pp_inner.tp_groups == [[0, 2], [1, 3]]
+    assert [pp_inner.position(r) for r in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+@pytest.mark.parametrize("world, pp, order, message", [
+    (4, 3, "tp_inner", "pp=3 does not divide the world of 4 ranks"),
+    (4, 0, "tp_inner", "positive integer"),
+    (4, 2, "sideways", "unknown rank order"),
+])
+def test_hybrid_layout_refuses(world, pp, order, message):
+    with pytest.raises(ValueError, match=message):
+        HybridLayout(world, pp, order)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.sampled_from(["tp_inner", "pp_inner"]))
+def test_hybrid_layout_is_a_bijection(tp, pp, order):
+    layout = HybridLayout(tp * pp, pp, order)
+    assert layout.tp == tp
+    positions = [layout.position(r) for r in range(tp * pp)]
+    assert sorted(positions) == [(s, t) for s in range(pp) for t in range(tp)]
+    assert all(layout.rank_of(*layout.position(r)) == r for r in range(tp * pp))
+    groups = layout.tp_groups
+    assert sorted(r for g in groups for r in g) == list(range(tp * pp))
+    assert all(layout.position(r)[0] == s for s, g in enumerate(groups) for r in g)

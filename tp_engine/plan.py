@@ -135,6 +135,7 @@ class ModelPlan:
     world_size: int
     shares: tuple[int, ...]
     ranks: tuple[RankPlan, ...] = field(repr=False)
+    mlp_unit: int = 1  # MLP cuts fall on multiples of this (quantization blocks)
 
     def __getitem__(self, rank: int) -> RankPlan:
         return self.ranks[rank]
@@ -155,6 +156,7 @@ class ModelPlan:
             f"world {self.world_size}, shares {list(self.shares)}: "
             f"{d.num_q_heads} Q / {d.num_kv_heads} KV heads x {d.head_dim}, "
             f"MLP {d.intermediate_size}, vocab {d.vocab_size}"
+            + (f"; MLP cut in blocks of {self.mlp_unit} columns" if self.mlp_unit > 1 else "")
         ]
         for r in self.ranks:
             lines.append(
@@ -266,16 +268,37 @@ def split_heads(num_q: int, num_kv: int, shares: Sequence[Fraction]) -> list[tup
     return [(range(i, j), _kv_span(i, j, g)) for i, j in bounds]
 
 
-def plan_model(dims: ModelDims, world_size: int, shares: Sequence[float] | None = None) -> ModelPlan:
+def split_in_units(total: int, shares: Sequence[Fraction], unit: int = 1) -> list[range]:
+    """Split ``range(total)`` by ``shares`` with every cut on a multiple of ``unit``.
+
+    For a row-parallel matrix stored in quantization blocks of ``unit``
+    inputs (GGUF: 32, or 256 for K-quants), each rank's columns must be whole
+    blocks. The pieces are :func:`split_by_shares` of the ``ceil(total /
+    unit)`` units, scaled back; a last partial unit (``total`` not a
+    multiple of ``unit``) goes to the rank holding the end.
+    """
+    if not isinstance(unit, int) or unit < 1:
+        raise ValueError(f"unit must be a positive integer, got {unit!r}")
+    if unit == 1:
+        return split_by_shares(total, shares)
+    units = split_by_shares(-(-total // unit), shares)
+    return [range(min(p.start * unit, total), min(p.stop * unit, total)) for p in units]
+
+
+def plan_model(
+    dims: ModelDims, world_size: int, shares: Sequence[float] | None = None, mlp_unit: int = 1
+) -> ModelPlan:
     """Plan the tensor-parallel split of a model over ``world_size`` ranks.
 
     ``shares`` weights the ranks (``[3, 1]``: rank 0 takes about three
-    quarters of heads, MLP columns and vocabulary). Raises ValueError for
+    quarters of heads, MLP columns and vocabulary). ``mlp_unit``: MLP
+    columns are cut only on multiples of it (the block size of a quantized
+    down projection, see :func:`split_in_units`). Raises ValueError for
     requests that cannot be met.
     """
     fractions = normalize_shares(world_size, shares)
     heads = split_heads(dims.num_q_heads, dims.num_kv_heads, fractions)
-    mlp = split_by_shares(dims.intermediate_size, fractions)
+    mlp = split_in_units(dims.intermediate_size, fractions, mlp_unit)
     vocab = split_by_shares(dims.vocab_size, fractions, minimum=1 if dims.vocab_size >= world_size else 0)
     ranks = tuple(
         RankPlan(rank=r, q_heads=q, kv_heads=kv, mlp_columns=mlp[r], vocab=vocab[r])
@@ -286,4 +309,84 @@ def plan_model(dims: ModelDims, world_size: int, shares: Sequence[float] | None 
         world_size=world_size,
         shares=tuple(int(s) if s.denominator == 1 else float(s) for s in fractions),
         ranks=ranks,
+        mlp_unit=mlp_unit,
     )
+
+
+# ------------------------------------------------------------ pipeline stages
+
+
+def plan_stages(num_layers: int, pp: int, shares: Sequence[float] | None = None) -> list[range]:
+    """Cut ``num_layers`` decoder layers into ``pp`` contiguous, non-empty stages by ``shares``.
+
+    ``shares`` weights the stages by memory or speed (``[3, 1]``: the first
+    stage takes about three quarters of the layers); None is an even cut
+    (uneven counts: the earlier stages get the extra layer). Raises
+    ValueError for more stages than layers or shares of the wrong length.
+    """
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"number of layers must be a positive integer, got {num_layers!r}")
+    if not isinstance(pp, int) or isinstance(pp, bool) or pp < 1:
+        raise ValueError(f"pipeline stages (pp) must be a positive integer, got {pp!r}")
+    if pp > num_layers:
+        raise ValueError(f"cannot cut {num_layers} layers into {pp} pipeline stages: each stage needs a layer")
+    if shares is not None and len(list(shares)) != pp:
+        raise ValueError(f"stage shares has {len(list(shares))} entries but there are {pp} pipeline stages: {list(shares)}")
+    return split_by_shares(num_layers, normalize_shares(pp, shares), minimum=1)
+
+
+PIPELINE_ORDERS = ("tp_inner", "pp_inner")
+
+
+@dataclass(frozen=True)
+class HybridLayout:
+    """Where each rank of a TP x PP world sits: ``world_size = tp * pp``.
+
+    ``order="tp_inner"``: stage s holds ranks ``[s * tp, (s + 1) * tp)``; a
+    launcher that numbers each host's ranks consecutively then keeps every
+    tensor-parallel group (two all-reduces per layer) inside a host and sends
+    only activations between hosts. ``order="pp_inner"``: rank =
+    ``tp_rank * pp + stage``, so consecutive ranks are stages (pipeline inside
+    a host, tensor parallelism across hosts).
+    """
+
+    world_size: int
+    pp: int
+    order: str = "tp_inner"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world size must be a positive integer, got {self.world_size!r}")
+        if not isinstance(self.pp, int) or isinstance(self.pp, bool) or self.pp < 1:
+            raise ValueError(f"pipeline stages (pp) must be a positive integer, got {self.pp!r}")
+        if self.world_size % self.pp:
+            raise ValueError(f"pp={self.pp} does not divide the world of {self.world_size} ranks "
+                             f"(world = tp x pp)")
+        if self.order not in PIPELINE_ORDERS:
+            raise ValueError(f"unknown rank order {self.order!r}; choose one of {', '.join(PIPELINE_ORDERS)}")
+
+    @property
+    def tp(self) -> int:
+        return self.world_size // self.pp
+
+    def rank_of(self, stage: int, tp_rank: int) -> int:
+        if not (0 <= stage < self.pp and 0 <= tp_rank < self.tp):
+            raise ValueError(f"no rank at stage {stage}, tp rank {tp_rank} in a {self.tp} x {self.pp} layout")
+        return stage * self.tp + tp_rank if self.order == "tp_inner" else tp_rank * self.pp + stage
+
+    def position(self, rank: int) -> tuple[int, int]:
+        """(stage, tp_rank) of ``rank``."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
+        if self.order == "tp_inner":
+            return divmod(rank, self.tp)
+        tp_rank, stage = divmod(rank, self.pp)
+        return stage, tp_rank
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        """The tensor-parallel group of ``stage``, in tp-rank order."""
+        return [self.rank_of(stage, t) for t in range(self.tp)]
+
+    @property
+    def tp_groups(self) -> list[list[int]]:
+        return [self.stage_ranks(s) for s in range(self.pp)]

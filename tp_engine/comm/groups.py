@@ -32,7 +32,14 @@ __all__ = ["check_groups", "p2p_of", "partition", "subgroup"]
 
 
 def p2p_of(comm: Communicator) -> PointToPoint:
-    """The point-to-point channel between ``comm``'s ranks (numbered as ``comm`` numbers them)."""
+    """The point-to-point channel between ``comm``'s ranks (numbered as ``comm`` numbers them).
+
+    A communicator that wraps another (e.g. one adding emulated latency) may
+    provide its own channel through a ``point_to_point()`` method.
+    """
+    own = getattr(comm, "point_to_point", None)
+    if callable(own):
+        return own()
     if isinstance(comm, ThreadCommunicator):
         return ThreadPointToPoint(comm)
     if isinstance(comm, HierarchicalCommunicator):  # its world communicator reaches every rank directly
@@ -72,6 +79,9 @@ def partition(comm: Communicator, groups: Sequence[Sequence[int]]) -> Communicat
     """
     groups = check_groups(groups, comm.world_size)
     mine = next(((i, g.index(comm.rank)) for i, g in enumerate(groups) if comm.rank in g), None)
+    wrapped = getattr(comm, "inner", None)
+    if wrapped is not None:  # a wrapper (e.g. emulated latency): its sub-groups are those of what it wraps
+        return partition(wrapped, groups)
     if isinstance(comm, ThreadCommunicator):
         children = comm.group.split(comm.next_split_key(), groups)
         if mine is None:

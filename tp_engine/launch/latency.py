@@ -17,9 +17,11 @@ from typing import Sequence
 import torch
 
 from ..comm.base import Communicator
+from ..comm.groups import p2p_of
+from ..comm.p2p import Handle, PointToPoint
 from .pingpong import hold
 
-__all__ = ["LatencyCommunicator"]
+__all__ = ["LatencyCommunicator", "LatencyPointToPoint"]
 
 
 class LatencyCommunicator:
@@ -52,3 +54,29 @@ class LatencyCommunicator:
 
     def close(self) -> None:
         self.inner.close()
+
+    def point_to_point(self) -> "LatencyPointToPoint":
+        """The inner communicator's channel, each send held for one one-way latency (pipeline hand-offs)."""
+        return LatencyPointToPoint(p2p_of(self.inner), self)
+
+
+class LatencyPointToPoint:
+    """``inner`` with every send held for ``owner.delay_s`` (read at each send, so it can be changed)."""
+
+    def __init__(self, inner: PointToPoint, owner: LatencyCommunicator):
+        self.inner, self.owner = inner, owner
+        self.rank, self.world_size = inner.rank, inner.world_size
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        hold(self.owner.delay_s)
+        self.inner.send(tensor, dst)
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> Handle:
+        hold(self.owner.delay_s)
+        return self.inner.isend(tensor, dst)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return self.inner.recv(tensor, src)
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Handle:
+        return self.inner.irecv(tensor, src)

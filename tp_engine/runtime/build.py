@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..comm.base import Communicator
+from ..quant.gguf import fuse_gguf_rows, gguf_weight_of
 from ..quant.layer import is_quantized
 from .blocks import Layer
 from .matmul import Matmul, fuse_rows, linear_weight, module_bias, module_matmul, weight_matmul
@@ -79,11 +80,17 @@ class BuildContext:
         """One matmul for several linears reading the same input, outputs concatenated.
 
         Float weights are fused into one tensor that becomes their storage (no
-        extra memory; see ``matmul.fuse_rows``). Layers that are already
-        quantized run one by one.
+        extra memory; see ``matmul.fuse_rows``). GGUF layers next to each other
+        with the same ggml type are fused the same way (``quant.gguf.fuse_gguf_rows``;
+        a Q4_K_M file mixes Q4_K and Q6_K, so q/k may fuse while v runs alone).
+        Other quantized layers run one by one.
         """
         if any(is_quantized(m) for m in modules):
-            mms = [self.matmul(m, bias) for m in modules]
+            # A quantized copy (weight_bits) requantizes each layer on its own.
+            runs = _gguf_runs(modules) if self.weight_bits is None else [[m] for m in modules]
+            mms = [self._fused_gguf(group, bias) for group in runs]
+            if len(mms) == 1:
+                return mms[0]
             return lambda x: torch.cat([mm(x) for mm in mms], dim=-1)
         in_place = self.fuse_in_place and self.weight_bits is None
         weights = [linear_weight(m, in_place) for m in modules]
@@ -95,8 +102,37 @@ class BuildContext:
                 b = torch.cat([x if x is not None else w.new_zeros(wt.shape[0]) for x, wt in zip(biases, weights)])
         return weight_matmul(w, b, self.weight_bits, self.group_size, self.backend)
 
+    def _fused_gguf(self, modules: Sequence[nn.Module], bias: bool) -> Matmul:
+        """One matmul for a run of GGUF layers of one ggml type (or one layer of any kind)."""
+        if len(modules) == 1:
+            return self.matmul(modules[0], bias)
+        w = fuse_gguf_rows([gguf_weight_of(m) for m in modules], in_place=self.fuse_in_place)
+        b = None
+        if bias:
+            biases = [module_bias(m) for m in modules]
+            if any(x is not None for x in biases):
+                b = torch.cat([x if x is not None else torch.zeros(int(m.out_features), device=self.device)
+                               for x, m in zip(biases, modules)]).float()
+        return w if b is None else (lambda x: w(x).add_(b))
+
     def rope_from(self, source: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], style: str) -> RopeTable:
         return RopeTable(source, style, self.device)
+
+
+def _gguf_runs(modules: Sequence[nn.Module]) -> list[list[nn.Module]]:
+    """``modules`` cut into runs of consecutive GGUF layers with one ggml type and input width;
+    every other layer is a run of its own."""
+    runs: list[list[nn.Module]] = []
+    last = None
+    for m in modules:
+        w = gguf_weight_of(m)
+        key = None if w is None else (w.qtype, w.in_features)
+        if key is not None and key == last:
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+        last = key
+    return runs
 
 
 def activation(module: nn.Module, config: Any, *names: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -90,7 +90,9 @@ class Decoder:
         self.comm: Communicator = comm or comm_of(model) or SingleProcessCommunicator()
         self.rank, self.world = self.comm.rank, self.comm.world_size
         emb_w = model.get_input_embeddings().weight
-        self.dtype, self.device = emb_w.dtype, emb_w.device
+        # A GGUF embedding's weight is a uint8 placeholder; its lookups are float32.
+        self.dtype = emb_w.dtype if emb_w.dtype.is_floating_point else torch.float32
+        self.device = emb_w.device
         self.weight_bits = weight_bits
         ctx = BuildContext(model, self.comm, self.dtype, self.device, weight_bits, group_size, weight_backend, fuse_in_place)
         with torch.no_grad():

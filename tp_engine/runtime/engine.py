@@ -29,6 +29,7 @@ import torch
 
 from .decoder import Decoder
 from .sampling import SamplingParams, choose_from_logits, sample_from_top_k, shared_seed
+from .spec_step import Speculator
 
 __all__ = ["Engine", "Request", "StepOutput", "TokenLogprob"]
 
@@ -87,7 +88,9 @@ class Engine:
     ``stop_strings``; ``seed``: seeds the generator of sampled requests that
     bring no seed of their own (rank 0's value is used on every rank);
     ``generator``: use this generator instead (``generate`` passes torch's
-    global one, for HF-compatible sampling).
+    global one, for HF-compatible sampling). ``speculator``: speculative
+    steps (:mod:`.spec_step`) for greedy sequences without logits processors
+    or logprobs; the others take plain steps in the same forward.
     """
 
     def __init__(
@@ -100,9 +103,13 @@ class Engine:
         tokenizer: Any = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        speculator: Speculator | None = None,
     ):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
+        if speculator is not None and speculator.target is not decoder:
+            raise ValueError("the speculator was built for another decoder than the engine's")
+        self.speculator = speculator
         self.decoder = decoder
         self.max_batch, self.prefill_chunk = int(max_batch), int(prefill_chunk)
         self.max_model_len = max_model_len
@@ -193,9 +200,10 @@ class Engine:
         dec = self.decoder
         segments: list[tuple[Request, list[int], int]] = []  # (request, tokens fed, start position)
         budget = self.prefill_chunk
+        drafts = self._propose()  # request id -> draft proposals (speculative steps only)
         for req in self.running:
             if req.prefilled >= len(req.prompt):
-                segments.append((req, [req.tokens[-1]], req.length - 1))
+                segments.append((req, [req.tokens[-1]] + drafts.get(req.id, []), req.length - 1))
         for req in self.running:
             rest = len(req.prompt) - req.prefilled
             if rest > 0 and (budget > 0 or not segments):
@@ -204,9 +212,16 @@ class Engine:
                 budget -= n
         x = self._embed(segments)
         h = dec.forward(x, [r.slot for r, _, _ in segments], [p for _, _, p in segments],
-                        [len(t) for _, t, _ in segments])
+                        [len(t) for _, t, _ in segments], last_only=not drafts)
+        if drafts:  # every row came back: the speculating sequences' rows are verified, the others use their last
+            ends = list(itertools.accumulate(len(fed) for _, fed, _ in segments))
+            verified = self._verify([(req, h[e - len(fed) : e]) for (req, fed, _), e in zip(segments, ends)
+                                     if req.id in drafts], drafts)
+            h = h[[e - 1 for e in ends]]
         emitting = []
         for i, (req, fed, start) in enumerate(segments):
+            if req.id in drafts:
+                continue
             if start < len(req.prompt):
                 req.prefilled = start + len(fed)
                 if req.prefilled < len(req.prompt):
@@ -221,6 +236,50 @@ class Engine:
                 self._finish(req, reason)
             lp = logprobs.get(id(req))
             outputs.append(StepOutput(req.id, [token], req.finished, req.finish_reason, None if lp is None else [lp]))
+        if drafts:
+            outputs += self._take_verified(verified)
+        return outputs
+
+    # -- speculative steps ---------------------------------------------------------
+
+    def _draft_rounds(self, req: Request) -> int:
+        """Proposals ``req`` may take this step (0: a plain step). Greedy only: a sampled or processed
+        row keeps the plain path (no rejection rule), and the round leaves room for the target's token."""
+        p = req.params
+        if (not req.tokens or req.prefilled < len(req.prompt) or p.do_sample or p.logprobs is not None
+                or p.processes_at(len(req.tokens))):
+            return 0
+        return min(self.speculator.k, p.max_new_tokens - len(req.tokens) - 1)
+
+    def _propose(self) -> dict[Hashable, list[int]]:
+        if self.speculator is None:
+            return {}
+        seqs = [(req, self._draft_rounds(req)) for req in self.running]
+        seqs = [(req, k) for req, k in seqs if k > 0]
+        if not seqs:
+            return {}
+        proposals = self.speculator.propose([(req.slot, req.prompt + req.tokens, k) for req, k in seqs])
+        return {req.id: p for (req, _), p in zip(seqs, proposals) if p}
+
+    def _verify(self, rows: list[tuple[Request, torch.Tensor]], drafts: dict[Hashable, list[int]]):
+        results = self.speculator.verify([r.slot for r, _ in rows], [drafts[r.id] for r, _ in rows], [h for _, h in rows])
+        return [(req, new, carried) for (req, _), (new, carried) in zip(rows, results)]
+
+    def _take_verified(self, verified: list[tuple[Request, list[int], torch.Tensor | None]]) -> list[StepOutput]:
+        """Append each speculating sequence's verified tokens, stopping at the first stop rule that fires."""
+        outputs = []
+        for req, new, carried in verified:
+            kept = []
+            for token in new:
+                req.tokens.append(token)
+                kept.append(token)
+                reason = self._stop_reason(req, token)
+                if reason is not None:
+                    self._finish(req, reason)
+                    break
+            if not req.finished:
+                req.carried = carried
+            outputs.append(StepOutput(req.id, kept, req.finished, req.finish_reason))
         return outputs
 
     def _logprobs(self, h: torch.Tensor, emitting: list[tuple[int, Request]],
@@ -323,5 +382,7 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
             self.decoder.cache.release(req.slot)
+            if self.speculator is not None:
+                self.speculator.release(req.slot)
         elif req in self.waiting:
             self.waiting.remove(req)

@@ -5,7 +5,8 @@
   for all rows, and its results are bit-identical whatever the number of
   rows (so batched and speculative steps give exactly the numbers of
   stepping one sequence alone). More rows, other dtypes or devices: F.linear.
-* quantized layers (``tp_engine.quant.layer``): the layer's own strategy.
+* quantized layers (``tp_engine.quant.layer``), GGUF blocks included
+  (``tp_engine.quant.gguf``): the layer's own strategy.
 * ``weight_bits`` (a draft's quantized copy): ``quantize_weight`` on the
   float weight, with the one int4 group-size rule of ``tp_engine.quant.weights``.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu_gemm
+from ..quant.gguf import gguf_weight_of
 from ..quant.layer import is_quantized, layer_matmul
 from ..quant.weights import int4_group_size, quantize_weight
 
@@ -131,7 +133,14 @@ def module_bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def module_matmul(module: nn.Module, bits: int | None = None, group_size: int | None = None, backend: str = "auto") -> Matmul:
-    """``x @ W^T`` (no bias) of a linear-like module: its quantized strategy, or the float weight's."""
+    """``x @ W^T`` (no bias) of a linear-like module: its quantized strategy, or the float weight's.
+
+    ``bits`` (a draft's quantized copy) of a GGUF layer: its blocks dequantized,
+    then quantized like a float weight (the GGUF layer itself is untouched).
+    """
+    gguf = gguf_weight_of(module)
+    if gguf is not None and bits is not None:
+        return weight_matmul(gguf.dequantize(), None, bits, group_size, backend)
     if is_quantized(module):
         if bits is not None:
             raise ValueError("a quantized copy of an already quantized layer is not supported")

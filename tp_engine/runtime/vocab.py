@@ -15,6 +15,11 @@ Both are split by vocabulary rows across ranks. What this module makes cheap:
   own logits; when the bound leaves too many rows it falls back to the full
   head.
 * Top-k sampling gathers only each shard's top-k candidates.
+* GGUF models kept quantized (``quant.gguf``): the embedding lookup (and
+  the row the greedy exchange carries) dequantizes just the rows it reads,
+  and the LM head runs on its blocks. The int8 prefilter is off for them:
+  a Q6_K/Q8_0 head already reads about a byte per weight or less, so an
+  int8 copy would cost memory and save nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.base import Communicator
+from ..quant.gguf import GGUFEmbedding
 from ..quant.layer import is_quantized
 from .matmul import linear_weight, module_bias, module_matmul
 
@@ -61,11 +67,16 @@ class Vocab:
         head = model.get_output_embeddings()
         if head is None:
             raise ValueError("the model has no output embeddings (LM head)")
-        self.emb_w = emb.weight.detach()
-        self.device = self.emb_w.device
-        self.hidden = self.emb_w.shape[1]
+        if isinstance(emb, GGUFEmbedding):
+            self.emb_w = None
+            self._gguf_emb = emb.gguf
+        else:
+            self.emb_w = emb.weight.detach()
+            self._gguf_emb = None
+        self.device = emb.weight.device
+        self.hidden = int(emb.weight.shape[1])
         self.emb_start = int(getattr(emb, "start", 0))
-        self.emb_stop = self.emb_start + self.emb_w.shape[0]
+        self.emb_stop = self.emb_start + int(emb.weight.shape[0])
         scale = getattr(emb, "embed_scale", None)
         self.emb_scale = scale.detach().to(dtype) if isinstance(scale, torch.Tensor) else None
         self.head_w = linear_weight(head) if weight_bits is None and not is_quantized(head) else None
@@ -91,14 +102,20 @@ class Vocab:
 
     # -- embedding -------------------------------------------------------------
 
+    def _emb_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Rows ``local`` (local indices, 1-D) of this rank's embedding shard, in the model's dtype."""
+        if self._gguf_emb is not None:
+            return self._gguf_emb.rows(local).to(self.dtype)
+        return F.embedding(local, self.emb_w)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (T, H) of token ids (T,), summed over vocabulary shards."""
         if not self.emb_sharded:
-            x = F.embedding(ids, self.emb_w)
+            x = self._emb_rows(ids)
         else:
             outside = (ids < self.emb_start) | (ids >= self.emb_stop)
             local = (ids - self.emb_start).masked_fill_(outside, 0)
-            x = F.embedding(local, self.emb_w).masked_fill_(outside.unsqueeze(-1), 0.0)
+            x = self._emb_rows(local).masked_fill_(outside.unsqueeze(-1), 0.0)
             self.comm.all_reduce_(x)
         if self.emb_scale is not None:
             x = x * self.emb_scale
@@ -136,7 +153,7 @@ class Vocab:
         carry = with_embedding and self.same_slices
         parts = [val.to(pd)[:, None], (idx + self.head_start).to(pd)[:, None]]
         if carry:
-            parts.append(self.emb_w[idx].to(pd))
+            parts.append(self._emb_rows(idx).to(pd))
         table = self.comm.all_gather(torch.cat(parts, dim=1)[None], dim=0)  # (world, B, 2 [+ H])
         winner = table[:, :, 0].argmax(0)  # first maximal rank = lowest vocab index
         rows = torch.arange(h.shape[0], device=table.device)

@@ -14,6 +14,15 @@ Ending:
   fails): rank 0 ends every open request with a 503 error naming the rank
   and exits with ``EXIT_LOST_RANK``; the other ranks exit when they see
   rank 0 or a peer gone.
+
+Speculative decoding (``--draft int8|int4``, ``--num-draft-tokens K``): every
+rank builds the same quantized copy of its own shard as the draft
+(:mod:`tp_engine.runtime.spec_step`), so the ranks agree on the proposals
+without a message. Greedy requests (temperature 0, no logprobs) take
+speculative steps, up to K + 1 tokens per step, exactly the target's greedy
+answer; sampled requests and requests asking for logprobs take plain steps
+in the same batch (no rejection sampling). ``/metrics`` counts the drafted
+and accepted tokens and the verified rounds.
 """
 from __future__ import annotations
 
@@ -27,9 +36,11 @@ import time
 from typing import Any
 
 import uvicorn
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..runtime import Engine, decoder_for, unsupported_reason
 from ..runtime.sampling import eos_ids
+from ..runtime.spec_step import Speculator, self_draft
 from . import lockstep
 from .app import create_app
 from .liveness import PeerWatch
@@ -79,8 +90,12 @@ def serve(args: Any, rt: Any, model: Any, tokenizer: Any, sock: socket.socket | 
     max_model_len = args.max_model_len or min(DEFAULT_MAX_MODEL_LEN, context or DEFAULT_MAX_MODEL_LEN)
     if decoder.max_positions is not None and max_model_len > decoder.max_positions:
         raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {decoder.max_positions} learned positions")
+    draft = getattr(args, "draft", None)
+    speculator = None
+    if draft is not None:  # the same quantized copy of its own shard on every rank: proposals agree without messages
+        speculator = Speculator(decoder, self_draft(decoder, draft), args.num_draft_tokens, catch_up=args.prefill_chunk)
     engine = Engine(decoder, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                    max_model_len=max_model_len, tokenizer=tokenizer)
+                    max_model_len=max_model_len, tokenizer=tokenizer, speculator=speculator)
     watch = PeerWatch(rt.comm, decoder.device)
     if rt.rank != 0:
         return _follow(rt, engine, watch)
@@ -90,6 +105,8 @@ def serve(args: Any, rt: Any, model: Any, tokenizer: Any, sock: socket.socket | 
     info = {"ranks": rt.world_size, "comm": rt.comm.name, "device": str(decoder.device)}
     if plan is not None:
         info["q_heads_per_rank"] = [len(r.q_heads) for r in plan.ranks]
+    if speculator is not None:
+        info["draft"] = {"weights": draft.lower(), "num_draft_tokens": speculator.k}
     return _lead(args, rt, engine, tokenizer, watch, sock, limits, info)
 
 
@@ -112,7 +129,10 @@ def _follow(rt: Any, engine: Engine, watch: PeerWatch) -> int:
 
 def _lead(args: Any, rt: Any, engine: Engine, tokenizer: Any, watch: PeerWatch, sock: socket.socket,
           limits: Limits, info: dict[str, Any]) -> int:
-    scheduler = Scheduler(args.max_batch, args.max_queue, Metrics())
+    metrics = Metrics()
+    if engine.speculator is not None:
+        metrics.registry.register(_SpecCollector(engine.speculator))
+    scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
     # The HTTP thread gets its own tokenizer: a fast tokenizer used from two threads at once can fail ("Already
     # borrowed"), and the engine's stop-string checks decode with the original.
     app = create_app(scheduler, copy.deepcopy(tokenizer), limits, api_key=args.api_key, info=info)
@@ -142,7 +162,9 @@ def _lead(args: Any, rt: Any, engine: Engine, tokenizer: Any, watch: PeerWatch, 
         raise RuntimeError("the HTTP server did not start")
     host, port = sock.getsockname()[:2]
     _log(f"serving {limits.model_id} on http://{host}:{port} ({rt.world_size} rank(s), max batch {args.max_batch}, "
-         f"max queue {args.max_queue}, max model len {limits.max_model_len})")
+         f"max queue {args.max_queue}, max model len {limits.max_model_len}"
+         + (f", speculative steps: {info['draft']['weights']} draft, k={info['draft']['num_draft_tokens']}" if "draft" in info
+            else "") + ")")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     watch.start(lambda rank, pid: fail_and_exit(f"rank {rank} (pid {pid}) of the tensor-parallel group is gone"))
@@ -157,3 +179,20 @@ def _lead(args: Any, rt: Any, engine: Engine, tokenizer: Any, watch: PeerWatch, 
     http.join(SIGNAL_GRACE_S + 2)
     _log("stopped")
     return 0
+
+
+class _SpecCollector:
+    """Speculative-decoding counts for ``/metrics``, read from the engine's speculator when scraped."""
+
+    def __init__(self, speculator: Speculator):
+        self.speculator = speculator
+
+    def collect(self):
+        s = self.speculator.stats
+        yield CounterMetricFamily("tp_engine_spec_draft_tokens", "Tokens proposed by the draft", value=s.drafted)
+        yield CounterMetricFamily("tp_engine_spec_accepted_tokens", "Draft tokens the target kept", value=s.accepted)
+        yield CounterMetricFamily("tp_engine_spec_verified_rounds", "Sequence rounds the target verified",
+                                  value=s.verified)
+        yield GaugeMetricFamily("tp_engine_spec_tokens_per_round",
+                                "Tokens gained per verified round since start (accepted + 1 per round)",
+                                value=s.tokens_per_round)
