@@ -250,6 +250,9 @@ def _free_port() -> int:
 def _rank_main(fn, args, rank, nprocs, port, threads, results) -> None:
     global _runtime
     _runtime = None  # a forked child must not inherit the parent's runtime
+    # The launching process watches its children and stops them all when one fails, naming it;
+    # a heartbeat watchdog in each rank would race it (a survivor's exit taken for the failure).
+    os.environ.setdefault("TP_ENGINE_PEER_TIMEOUT", "0")
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(nprocs),
