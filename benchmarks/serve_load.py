@@ -36,6 +36,15 @@ p50/p99, inter-token latency p50/p99 (gaps between streamed content chunks), TPO
 (last - first token time) / (tokens - 1), robust to chunks that carry several tokens), tokens per
 request, errors. Prints a Markdown table; ``--plot`` draws tok/s and ITL p99 against concurrency.
 
+``--plain-max-concurrency`` (default 16) skips plain mode's higher levels: it answers one request at a
+time, so its 64-client level alone would take most of the run and can only repeat its single-stream rate.
+
+``--soak SECONDS`` instead runs one server (``--tp``'s first size, or ``--server transformers``'s first mode)
+at ``--soak-concurrency`` (default 8) clients that send requests back to back for that long, sampling the
+resident memory of every process of the server (its process group) every 5 s. It reports requests,
+errors, tok/s and, per process, RSS after the first minute (the baseline: caches and allocator pools are
+warm by then), at the end and at its peak, with the growth from the baseline; ``--out`` writes it as JSON.
+
 Run it on a quiet machine (nothing else running): the full default run takes about an hour.
 """
 from __future__ import annotations
@@ -213,6 +222,62 @@ async def run_level(url: str, config: Config, concurrency: int, rounds: int, new
             "tpot_p50": _percentile([r["tpot"] for r in results], 50)}
 
 
+def process_group_rss(pgid: int) -> dict[int, int]:
+    """Resident bytes of every live process whose process group is ``pgid`` (the server and its ranks)."""
+    import psutil
+
+    rss = {}
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                rss[proc.pid] = proc.memory_info().rss
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return rss
+
+
+async def soak(url: str, config: Config, concurrency: int, seconds: float, new_tokens: int, pgid: int) -> dict:
+    """Clients send requests back to back for ``seconds``; RSS of the server's processes sampled every 5 s."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    deadline = time.perf_counter() + seconds
+    tokens, requests, errors, samples = 0, 0, 0, []
+
+    async def worker(w: int) -> None:
+        nonlocal tokens, requests, errors
+        r = 0
+        while time.perf_counter() < deadline:
+            try:
+                # not ``tokens += await ...``: that reads ``tokens`` before the await and loses other clients' adds
+                done = await one_request(client, config, PROMPTS[(w + r) % len(PROMPTS)], new_tokens)
+                tokens += done["tokens"]
+                requests += 1
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors += 1
+                print(f"  error: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+            r += 1
+
+    async def sampler() -> None:
+        while time.perf_counter() < deadline:
+            samples.append((seconds - (deadline - time.perf_counter()), process_group_rss(pgid)))
+            await asyncio.sleep(5)
+        samples.append((seconds, process_group_rss(pgid)))
+
+    start = time.perf_counter()
+    await asyncio.gather(sampler(), *(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - start
+    await client.close()
+    base_t, base = next(((t, s) for t, s in samples if t >= min(60.0, seconds / 2)), samples[0])
+    processes = []
+    for pid, rss0 in base.items():
+        later = [s[pid] for t, s in samples if t >= base_t and pid in s]
+        processes.append({"pid": pid, "rss_baseline_mib": rss0 / 2**20, "rss_end_mib": later[-1] / 2**20,
+                          "rss_peak_mib": max(later) / 2**20, "growth": later[-1] / rss0 - 1})
+    return {"server": config.name, "concurrency": concurrency, "seconds": wall, "requests": requests,
+            "errors": errors, "tok_s": tokens / wall, "baseline_at_s": base_t, "processes": processes}
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -251,6 +316,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--plain-max-concurrency", type=int, default=16,
+                        help="transformers serve (plain) answers one request at a time: skip levels above this")
+    parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                        help="instead of the table: one server at --soak-concurrency for this long, with its RSS")
+    parser.add_argument("--soak-concurrency", type=int, default=8)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     parser.add_argument("--plot", default=None, help="write the plot here (the full run: docs/serve_load.png)")
@@ -266,6 +336,9 @@ def main() -> None:
     rows, first_text, agree = [], None, {}
     log_dir = ROOT / "benchmarks" / "out"
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.soak is not None:
+        run_soak(configs[0], args, log_dir)
+        return
     for config in configs:
         log = open(log_dir / f"serve_load_{config.name.replace(' ', '_').replace('=', '').strip('()')}.log", "w")
         proc = start_server(config, args.port, max_batch, max_len, log)
@@ -278,6 +351,8 @@ def main() -> None:
             print(f"{config.name}: warm-up {warm['tok_s']:.1f} tok/s; greedy answer "
                   f"{'agrees' if agree[config.name] else 'DIFFERS'}", file=sys.stderr, flush=True)
             for c in args.concurrency:
+                if config.mode == "plain" and c > args.plain_max_concurrency:
+                    continue
                 row = dict(server=config.name, **asyncio.run(run_level(url, config, c, args.rounds, args.new_tokens)))
                 print(f"{config.name} C={c}: {row['tok_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr, flush=True)
                 rows.append(row)
@@ -300,6 +375,29 @@ def main() -> None:
             json.dump({"title": title, "rows": rows, "same_answer": agree}, f, indent=1)
     if args.plot:
         plot(rows, args.plot, title)
+
+
+def run_soak(config: Config, args: argparse.Namespace, log_dir: Path) -> None:
+    c = args.soak_concurrency
+    with open(log_dir / "serve_soak.log", "w") as log:
+        proc = start_server(config, args.port, max(c, 1), 128 + args.new_tokens, log)
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            asyncio.run(run_level(url, config, 1, 1, args.new_tokens))  # warm-up
+            result = asyncio.run(soak(url, config, c, args.soak, args.new_tokens, os.getpgid(proc.pid)))
+        finally:
+            stop_server(proc)
+    result["date"] = time.strftime("%Y-%m-%d")
+    print(f"\nsoak: {result['server']}, {c} clients, {result['seconds']:.0f} s, {args.new_tokens} tokens per request, "
+          f"{result['date']}: {result['requests']} requests, {result['errors']} errors, {result['tok_s']:.1f} tok/s\n")
+    print(f"| process | RSS at {result['baseline_at_s']:.0f} s (MiB) | RSS at end (MiB) | peak (MiB) | growth |")
+    print("| --- | --- | --- | --- | --- |")
+    for p in result["processes"]:
+        print(f"| {p['pid']} | {p['rss_baseline_mib']:.0f} | {p['rss_end_mib']:.0f} | {p['rss_peak_mib']:.0f} | "
+              f"{100 * p['growth']:+.1f} % |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 async def _greedy_text(url: str, config: Config, new_tokens: int) -> str:

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -146,17 +147,28 @@ def main() -> None:
         results = []
         for row in args.rows:
             world = ROWS[row][2]
+            if row == "e" and weights == "int8":  # the int8 self-copy of an int8 target is the target itself
+                results.append({"row": row, "skipped": "n/a: the target is already int8 (its int8 copy is itself)"})
+                continue
             print(f"row {row} ({weights}) ...", file=sys.stderr, flush=True)
-            r = tp_engine.launch(worker, world, row, target, draft, weights, prompts, args.new_tokens, args.k,
-                                 threads_per_rank=1)[0]
+            try:
+                r = tp_engine.launch(worker, world, row, target, draft, weights, prompts, args.new_tokens, args.k,
+                                     threads_per_rank=1)[0]
+            except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
+                r = {"row": row, "skipped": f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:200]}
             results.append(r)
-        base = next((r for r in results if r["row"] == "a"), results[0])
-        b = next((r for r in results if r["row"] == "b"), None)
+        measured = [r for r in results if "skipped" not in r]
+        base = next((r for r in measured if r["row"] == "a"), measured[0])
+        b = next((r for r in measured if r["row"] == "b"), None)
         print(f"\n{Path(target).name} (target) / {Path(draft).name} (draft), weights {weights}, {len(prompts)} prompts x "
               f"{args.new_tokens} new tokens, greedy, k={args.k}, {date}\n")
         print("| row | target | draft | tok/s | vs a | vs b | acceptance | tokens/round | same as a |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in results:
+            if "skipped" in r:
+                t, d, _ = ROWS[r["row"]]
+                print(f"| {r['row']} | {t} | {d} | {r['skipped']} | | | | | |")
+                continue
             r["same_as_a"] = r["tokens"] == base["tokens"]
             r["vs_a"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["vs_b"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
@@ -167,12 +179,23 @@ def main() -> None:
             print(f"| {r['row']} | {t} | {d} | {r['tokens_per_s']:.2f} | {r['vs_a']:.2f}x | {vs_b} | {acc} | {tpr} | "
                   f"{'yes' if r['same_as_a'] else 'NO'} |")
         for r in results:
-            r.pop("tokens")
+            r.pop("tokens", None)
         tables[weights] = results
-    (out / "speculative.json").write_text(json.dumps(
-        {"date": date, "target": target, "draft": draft, "new_tokens": args.new_tokens, "k": args.k, "tables": tables},
-        indent=1))
-    plot(tables, out, copy_to_docs=not args.quick)
+    # A run of some weights keeps the other weights' table of an earlier run with the same settings
+    # (each table is one run of its own; the JSON says each one's date).
+    path = out / "speculative.json"
+    settings = {"target": target, "draft": draft, "new_tokens": args.new_tokens, "k": args.k}
+    merged, dates = {}, {}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if all(old.get(key) == value for key, value in settings.items()):
+            merged = {w: t for w, t in old.get("tables", {}).items() if w not in tables}
+            old_dates = old.get("dates") or {w: old.get("date") for w in old.get("tables", {})}
+            dates = {w: old_dates.get(w) for w in merged}
+    merged.update(tables)
+    dates.update({w: date for w in tables})
+    path.write_text(json.dumps({**settings, "dates": dates, "tables": merged}, indent=1))
+    plot(merged, out, copy_to_docs=not args.quick)
 
 
 def plot(tables: dict, out: Path, copy_to_docs: bool) -> None:
@@ -186,12 +209,12 @@ def plot(tables: dict, out: Path, copy_to_docs: bool) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / max(1, len(tables))
+    rows = sorted({r["row"] for results in tables.values() for r in results})
     for i, (weights, results) in enumerate(tables.items()):
-        xs = [j + i * width for j in range(len(results))]
-        ax.bar(xs, [r["tokens_per_s"] for r in results], width, label=weights)
-    first = next(iter(tables.values()))
-    ax.set_xticks([j + width * (len(tables) - 1) / 2 for j in range(len(first))])
-    ax.set_xticklabels([f"{r['row']}: {ROWS[r['row']][0]}\n{ROWS[r['row']][1]}" for r in first], fontsize=6)
+        done = [r for r in results if "skipped" not in r]
+        ax.bar([rows.index(r["row"]) + i * width for r in done], [r["tokens_per_s"] for r in done], width, label=weights)
+    ax.set_xticks([j + width * (len(tables) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r}: {ROWS[r][0]}\n" + textwrap.fill(ROWS[r][1], 16) for r in rows], fontsize=6)
     ax.set_ylabel("tokens/s")
     ax.set_title("Qwen2.5-Coder-1.5B, two ranks: what should the second one do?")
     ax.legend(fontsize=7)

@@ -94,6 +94,26 @@ def smollm2_gguf_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def transformers_greedy_chat(prompt: str, tokens: int) -> str:
+    """The unsharded reference for servers: transformers' greedy answer to one chat prompt (the bundled
+    SmolLM2 GGUF, dequantized by transformers), decoded up to its first EOS."""
+    from transformers import AutoModelForCausalLM
+
+    from tp_engine.loading import load_tokenizer
+    from tp_engine.serve.protocol import chat_prompt_ids
+
+    path = smollm2_gguf_path()
+    tok = load_tokenizer(None)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}])])
+    with torch.no_grad():
+        new = model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id)]
+    return tok.decode(new, skip_special_tokens=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct loaded by transformers itself, float32."""

@@ -193,7 +193,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_kernel_name_and_forced_portable(monkeypatch):
     if G._lib("avx2") is not None:
         assert G.kernel_name() == "avx2"
-    assert G.kernel_name("cuda") == "torch-dequant"
+    assert G.kernel_name("cuda") == ("triton" if G._triton_runs("cuda") else "torch-dequant")
     monkeypatch.setenv(G.KERNEL_ENV, "portable")
     assert G.kernel_name() == "portable"
     G._warned.discard("portable")
@@ -215,7 +215,7 @@ def test_cuda_path(qt):
     qk = gguf.GGML_QUANT_SIZES[qt][0]
     b = make_blocks(qt, 9, 2 * qk, seed=5)
     x = torch.randn(3, 2 * qk)
-    y = G.gguf_matmul(x.cuda(), torch.from_numpy(b).cuda(), qt, 2 * qk)
+    y = G.gguf_matmul(x.cuda(), torch.from_numpy(b).cuda(), qt, 2 * qk, kernel="torch")  # Triton: test_triton_gguf
     assert y.is_cuda
     torch.backends.cuda.matmul.allow_tf32 = False
     check_matmul(y.cpu(), x, b, qt, 2 * qk, "torch")

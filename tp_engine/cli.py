@@ -20,7 +20,8 @@ from . import model_files
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "shm")
-# Best k measured for SmolLM2 at TP=2 with an int8 draft (benchmarks/speculative.py: k=4 1.51x, k=3 1.35x, k=6 1.43x).
+# Best k measured for SmolLM2 at TP=2 with an int8 draft (2026-11-25: k=4 1.51x, k=3 1.35x, k=6 1.43x); on the
+# Qwen2.5-Coder-1.5B target an int8 self-copy at k=4 keeps 4.9 tokens per round of 5 (README, Benchmarks).
 DEFAULT_DRAFT_TOKENS = 4
 
 
@@ -104,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens read per step, all requests together")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file or directory name)")
     serve.add_argument(
-        "--draft", default=None, metavar="int8|int4",
-        help="speculative decoding with a quantized copy of the model, sharded like it: greedy requests (temperature 0, "
-        "no logprobs) take up to K+1 tokens per step, exactly the model's greedy answer; sampled ones take plain steps",
+        "--draft", default=None, metavar="int8|int4|PATH",
+        help="speculative decoding with a quantized copy of the model (int8, int4) or a smaller model with the same "
+        "tokenizer (PATH), sharded like it over the same ranks: greedy requests (temperature 0, no logprobs) take up to "
+        "K+1 tokens per step, exactly the model's greedy answer; sampled ones take plain steps",
     )
     serve.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
                        help=f"with --draft: tokens the draft proposes per sequence and step (K, default {DEFAULT_DRAFT_TOKENS})")
@@ -169,10 +171,26 @@ def _validate_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key must not be empty")
-    if args.draft is not None and args.draft.lower() not in ("int8", "int4"):
-        raise UsageError(f"serve --draft must be int8 or int4 (a quantized copy of the model), got {args.draft!r}")
     if args.num_draft_tokens < 1:
         raise UsageError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
+    if args.draft is not None and args.draft.lower() not in ("int8", "int4"):
+        _check_draft_vocabulary(args.model, args.draft)
+
+
+def _check_draft_vocabulary(model: str | None, draft: str) -> None:
+    """A draft model's proposals are token ids: its tokenizer must be the model's (checked before any rank loads)."""
+    from .loading import load_tokenizer
+
+    if not os.path.exists(draft):
+        raise UsageError(f"serve --draft must be int8, int4 or an existing checkpoint path; {draft!r} does not exist")
+    try:
+        draft_tokenizer = load_tokenizer(draft)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the user's bad path
+        raise UsageError(f"--draft {draft}: cannot read a tokenizer from it ({type(exc).__name__}: {exc})") from None
+    tokenizer = load_tokenizer(model)
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UsageError(f"--draft {draft}: its tokenizer differs from the model's ({len(draft_tokenizer)} vs "
+                         f"{len(tokenizer)} tokens, or other ids); a draft must share the model's vocabulary")
 
 
 def _validate_generation(args: argparse.Namespace) -> None:
@@ -441,7 +459,18 @@ def cmd_bench(args, rt, model, tokenizer) -> None:
 def cmd_serve(args, rt, model, tokenizer, sock=None) -> int:
     from .serve.server import serve
 
-    return serve(args, rt, model, tokenizer, sock)
+    draft_model = None
+    if args.draft is not None and args.draft.lower() not in ("int8", "int4"):
+        draft_model = _load_serve_draft(args, rt)
+    return serve(args, rt, model, tokenizer, sock, draft_model=draft_model)
+
+
+def _load_serve_draft(args: argparse.Namespace, rt):
+    """``serve --draft PATH``: the draft model sharded over the same ranks as the model (same shares; its
+    vocabulary was checked by ``_validate_serve``)."""
+    from .api import from_pretrained
+
+    return from_pretrained(args.draft, dtype=DTYPES[args.dtype], shares=parse_shares(args.shares), device=rt.device)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve}

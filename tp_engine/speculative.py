@@ -44,7 +44,7 @@ from .comm.agree import token_digest
 from .runtime import Decoder, RuntimeUnsupported, decoder_for
 from .runtime.sampling import eos_ids, shared_seed
 
-__all__ = ["SpeculativeStats", "speculative_generate", "draft_decoder"]
+__all__ = ["SpeculativeStats", "draft_decoder", "sampling_probs", "speculative_generate"]
 
 _PLACEMENTS = ("sharded", "replicated", "one-rank")
 
@@ -95,7 +95,7 @@ def draft_decoder(
     raise TypeError(f"draft must be 'int8', 'int4', a model or None, got {type(draft).__name__}")
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Sampling distributions (S, V) from logits (S, V): HF's order, temperature -> top-k -> top-p."""
     logits = logits.float()
     if temperature != 1.0:
@@ -251,7 +251,7 @@ def speculative_generate(
         """Target tokens for rows of h (greedy), or a sampled first token."""
         if not do_sample:
             return target.rows_argmax(h)
-        p = _probs(target.rows_logits(h), temperature, top_k, top_p)
+        p = sampling_probs(target.rows_logits(h), temperature, top_k, top_p)
         return [int(torch.multinomial(p[i].cpu(), 1, generator=gen_accept)) for i in range(p.shape[0])]
 
     out: list[int] = []
@@ -279,7 +279,7 @@ def speculative_generate(
                     h = drafter.extend_hidden(torch.tensor(feed, device=drafter.device), d_len)
                 d_len += len(feed)
                 if do_sample:
-                    q = _probs(drafter.rows_logits(h), temperature, top_k, top_p)[0]
+                    q = sampling_probs(drafter.rows_logits(h), temperature, top_k, top_p)[0]
                     q_rows.append(q)
                     token = int(torch.multinomial(q.cpu(), 1, generator=gen_draft))
                 else:
@@ -333,7 +333,7 @@ def _share_proposals(comm, src: int, rank: int, k: int, proposals, q_rows, do_sa
 
 def _accept_sampled(target: Decoder, hv: torch.Tensor, proposals: list[int], q_rows, temperature, top_k, top_p, gen):
     """The rejection rule: keep x_i with prob min(1, p_i(x_i)/q_i(x_i)), else resample from (p_i - q_i)+."""
-    p = _probs(target.rows_logits(hv), temperature, top_k, top_p).cpu()
+    p = sampling_probs(target.rows_logits(hv), temperature, top_k, top_p).cpu()
     new: list[int] = []
     for i, x in enumerate(proposals):
         q = q_rows[i].cpu()

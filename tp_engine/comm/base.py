@@ -5,6 +5,7 @@ implements these few methods, so layers never know which one carries them.
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -101,3 +102,22 @@ def resolve_gather(
             f"but sizes says {sizes[rank]}"
         )
     return dim, sizes
+
+
+def gather_layout(shape: Sequence[int], element_size: int, dim: int) -> tuple[int, int]:
+    """(outer, inner) of a gather along ``dim``: the rows before ``dim`` and the bytes of one step along it."""
+    return math.prod(shape[:dim]), element_size * math.prod(shape[dim + 1 :])
+
+
+def gather_byte_counts(src: torch.Tensor, dim: int, sizes: Sequence[int]) -> list[int]:
+    """Bytes of each rank's contiguous block when ``src``'s shape is gathered along ``dim`` with ``sizes``."""
+    outer, inner = gather_layout(src.shape, src.element_size(), dim)
+    return [outer * s * inner for s in sizes]
+
+
+def stitch_blocks(blocks: Sequence[torch.Tensor], like: torch.Tensor, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Each rank's contiguous block (raw bytes or ``like``'s dtype), shaped as ``like`` with ``sizes[r]``
+    along ``dim``, concatenated along ``dim`` in rank order."""
+    shape = list(like.shape)
+    parts = [b.view(like.dtype).view(shape[:dim] + [s] + shape[dim + 1 :]) for b, s in zip(blocks, sizes)]
+    return torch.cat(parts, dim=dim)

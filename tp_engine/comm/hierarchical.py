@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .base import Communicator, resolve_gather
+from .base import Communicator, gather_byte_counts, resolve_gather, stitch_blocks
 from .host_identity import HostLayout
 from .mpi import MPICommunicator
 from .shm import DEFAULT_MAX_BYTES, ShmCommunicator
@@ -114,14 +114,7 @@ class HierarchicalCommunicator:
     def all_gather(self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None) -> torch.Tensor:
         dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         src = tensor.detach().to("cpu").contiguous()
-        shape = list(src.shape)
-        outer = 1
-        for n in shape[:dim]:
-            outer *= n
-        inner = src.element_size()
-        for n in shape[dim + 1 :]:
-            inner *= n
-        counts = [outer * s * inner for s in sizes]  # bytes per rank
+        counts = gather_byte_counts(src, dim, sizes)  # bytes per rank
         mine = src.view(-1).view(torch.uint8) if src.nbytes else torch.empty(0, dtype=torch.uint8)
         # 1. the host's blocks, in rank order; 2. all hosts' blobs, in host order; 3. to the whole host.
         blob = mine
@@ -139,11 +132,7 @@ class HierarchicalCommunicator:
             for r in g:
                 offsets[r] = at
                 at += counts[r]
-        parts = []
-        for r, s in enumerate(sizes):
-            block = blob[offsets[r] : offsets[r] + counts[r]]
-            parts.append(block.view(src.dtype).view(shape[:dim] + [s] + shape[dim + 1 :]))
-        out = torch.cat(parts, dim=dim)
+        out = stitch_blocks([blob[offsets[r] : offsets[r] + counts[r]] for r in range(len(sizes))], src, dim, sizes)
         return out if tensor.is_cpu else out.to(tensor.device)
 
     # -- broadcast, barrier ------------------------------------------------------------

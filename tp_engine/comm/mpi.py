@@ -23,12 +23,13 @@ construction (slower for large tensors).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from .base import resolve_gather
+from .base import gather_byte_counts, resolve_gather, stitch_blocks
 
 __all__ = ["MPICommunicator", "mpi_world_from_env"]
 
@@ -164,15 +165,9 @@ class MPICommunicator:
             src = src.cpu()
         src = src.contiguous()
         shape = list(src.shape)
-        outer = 1
-        for n in shape[:dim]:
-            outer *= n
-        inner = src.element_size()
-        for n in shape[dim + 1 :]:
-            inner *= n
         # Gather every rank's contiguous block as raw bytes (any dtype,
         # bfloat16 included), rank after rank, then stitch the blocks along dim.
-        counts = [outer * s * inner for s in sizes]
+        counts = gather_byte_counts(src, dim, sizes)
         displs = [0] * self.world_size
         for r in range(1, self.world_size):
             displs[r] = displs[r - 1] + counts[r - 1]
@@ -183,14 +178,10 @@ class MPICommunicator:
                 [self._buf(flat), (counts, displs), self._MPI.BYTE],
             )
         out_shape = shape[:dim] + [sum(sizes)] + shape[dim + 1 :]
-        if outer == 1:  # gathering along the outermost non-trivial dim: blocks already in place
+        if math.prod(shape[:dim]) == 1:  # gathering along the outermost non-trivial dim: blocks already in place
             out = flat.view(src.dtype).view(out_shape)
         else:
-            blocks = []
-            for r, s in enumerate(sizes):
-                block_shape = shape[:dim] + [s] + shape[dim + 1 :]
-                blocks.append(flat.narrow(0, displs[r], counts[r]).view(src.dtype).view(block_shape))
-            out = torch.cat(blocks, dim=dim)
+            out = stitch_blocks([flat.narrow(0, displs[r], counts[r]) for r in range(len(sizes))], src, dim, sizes)
         return out if device.type == "cpu" else out.to(device)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

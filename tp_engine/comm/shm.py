@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..native import compile_shared
-from .base import resolve_gather
+from .base import gather_layout, resolve_gather
 
 __all__ = ["ShmCommunicator", "ShmUnavailable", "try_shm_communicator", "load_native"]
 
@@ -451,12 +451,7 @@ class ShmCommunicator:
         self._check()
         dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         shape = list(tensor.shape)
-        outer = 1
-        for n in shape[:dim]:
-            outer *= n
-        inner = tensor.element_size()  # bytes per step along dim
-        for n in shape[dim + 1 :]:
-            inner *= n
+        outer, inner = gather_layout(shape, tensor.element_size(), dim)  # inner: bytes per step along dim
         if not tensor.is_cpu or outer * max(sizes) * inner > self.max_bytes:
             return self.fallback.all_gather(tensor, dim=dim, sizes=sizes)
         src = tensor.detach().contiguous()

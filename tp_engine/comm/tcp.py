@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import resolve_gather
+from .base import gather_byte_counts, resolve_gather, stitch_blocks
 
 __all__ = ["TcpCommunicator", "tcp_mesh"]
 
@@ -244,22 +244,12 @@ class TcpCommunicator:
     def all_gather(self, tensor: torch.Tensor, dim: int = -1, sizes: Sequence[int] | None = None) -> torch.Tensor:
         dim, sizes = resolve_gather(tensor, dim, sizes, self.rank, self.world_size)
         src = tensor.detach().to("cpu").contiguous()
-        shape = list(src.shape)
-        outer = 1
-        for n in shape[:dim]:
-            outer *= n
-        inner = src.element_size()
-        for n in shape[dim + 1 :]:
-            inner *= n
-        counts = [outer * s * inner for s in sizes]
+        counts = gather_byte_counts(src, dim, sizes)
         self._exchange(self._mem(src) if src.nbytes else None, self._peers, {p.index: counts[p.index] for p in self._peers},
                        "all_gather")
-        parts = []
-        for r, s in enumerate(sizes):
-            block_shape = shape[:dim] + [s] + shape[dim + 1 :]
-            block = src if r == self.rank else self._recv[r][1][_HEADER.size : _HEADER.size + counts[r]]
-            parts.append(block.view(src.dtype).view(block_shape))
-        out = torch.cat(parts, dim=dim)
+        blocks = [src if r == self.rank else self._recv[r][1][_HEADER.size : _HEADER.size + counts[r]]
+                  for r in range(len(sizes))]
+        out = stitch_blocks(blocks, src, dim, sizes)
         return out if tensor.is_cpu else out.to(tensor.device)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

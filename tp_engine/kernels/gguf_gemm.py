@@ -13,8 +13,11 @@ API:
 * :func:`dequantize_rows`: float32 (N, k), bitwise what
   ``gguf.quants.dequantize`` gives (the C code repeats its float32 steps).
 * :func:`block_shape`, :func:`kernel_name` (what runs here: ``"avx2"``,
-  ``"portable"``, ``"torch"`` where nothing compiles; ``"torch-dequant"`` for
-  CUDA tensors: dequantize on the GPU, then torch's matmul).
+  ``"portable"``, ``"torch"`` where nothing compiles; for CUDA tensors
+  ``"triton"``: :mod:`.triton_gguf` decodes the blocks inside the matmul, for
+  its formats (Q8_0, Q4_K, Q6_K); ``"torch-dequant"`` otherwise: dequantize
+  the whole weight on the GPU at every call, then torch's matmul, with a
+  warning once).
 
 CPU kernels (``gguf_gemm.c``, compiled at first use by
 :func:`tp_engine.native.compile_shared`, cached): with AVX2 + FMA + F16C each
@@ -45,6 +48,8 @@ in float.
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib
 import logging
 import os
 import platform
@@ -56,6 +61,7 @@ from typing import Any
 import torch
 
 from ..native import compile_shared
+from . import triton_available
 
 __all__ = [
     "DEQUANT_MIN_ROWS",
@@ -209,16 +215,51 @@ def _default_kernel() -> str:
     return "torch"
 
 
-def kernel_name(device: str | torch.device = "cpu") -> str:
+def kernel_name(device: str | torch.device = "cpu", qtype: int | None = None) -> str:
     """What :func:`gguf_matmul` runs for tensors on ``device``.
 
     CPU: ``"avx2"`` (the fast kernels), ``"portable"`` (C without vector
     intrinsics: no AVX2 here, or forced), ``"torch"`` (no C compiler:
-    dequantize with torch ops, then matmul). CUDA: ``"torch-dequant"``.
+    dequantize with torch ops, then matmul). CUDA: ``"triton"`` where
+    triton runs (for ``qtype`` if given: one of :mod:`.triton_gguf`'s
+    formats), else ``"torch-dequant"``.
     """
-    if torch.device(device).type == "cuda":
-        return "torch-dequant"
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        return _device_kernel(qtype, dev.type, None, _triton_runs(dev.type))[0]
     return _default_kernel()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_runs(device_type: str) -> bool:
+    """Whether :mod:`.triton_gguf` runs on ``device_type`` here (cached: it is asked at every call)."""
+    return device_type in ("cuda", "cpu") and triton_available(device_type)
+
+
+def _triton_gguf() -> Any:
+    """:mod:`.triton_gguf`, imported on first use: it imports triton, an optional dependency."""
+    return importlib.import_module(f"{__package__}.triton_gguf")
+
+
+def _device_kernel(qtype: int | None, device_type: str, kernel: str | None, triton_ok: bool) -> tuple[str, str]:
+    """("triton" | "torch-dequant", why) for a weight of ``qtype`` (None: any) off the CPU, or ``kernel="triton"``.
+
+    ``triton_ok``: whether Triton runs on ``device_type`` here. A forced
+    ``kernel="triton"`` that cannot run raises; the torch-dequant fallback
+    says why (the caller warns once).
+    """
+    if kernel not in (None, "triton", "torch"):
+        raise ValueError(f"kernel={kernel!r} is a CPU kernel; tensors on {device_type} take None, 'triton' or 'torch'")
+    if kernel == "torch":
+        return "torch-dequant", "forced by kernel='torch'"
+    if not triton_ok:
+        if kernel == "triton":
+            raise RuntimeError(f"kernel='triton' cannot run on {device_type} here: it needs triton and a CUDA device "
+                               "(or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)")
+        return "torch-dequant", f"no Triton kernels on {device_type} here"
+    if kernel is None and qtype is not None and qtype not in _triton_gguf().FORMATS:
+        return "torch-dequant", f"no Triton kernel for {_NAMES.get(qtype, qtype)}"
+    return "triton", ""
 
 
 def _warn_once(kind: str, why: str) -> None:
@@ -370,7 +411,8 @@ def gguf_matmul(
 
     ``out``: a preallocated contiguous float32 (M, N) result (not overlapping
     the inputs). ``kernel``: force "avx2" / "portable" / "torch" (tests and
-    comparisons; default :func:`kernel_name`'s choice). ``activations``:
+    comparisons; default :func:`kernel_name`'s choice; "triton" runs
+    :mod:`.triton_gguf`, on CPU tensors only under TRITON_INTERPRET=1, for tests). ``activations``:
     "float32" or "int8" (x rounded to int8 per block first; see the module
     docstring for what it changes; default :func:`activations_mode`). No autograd.
     """
@@ -378,7 +420,15 @@ def gguf_matmul(
     m = _check_x(x, k, blocks.device)
     y = _check_out(out, m, n, blocks.device, (x, blocks))
     int8 = activations_mode(activations) == "int8" and m < DEQUANT_MIN_ROWS
-    if blocks.device.type != "cpu":  # CUDA: dequantize on the device, then torch's matmul
+    dev = blocks.device.type
+    if dev != "cpu" or kernel == "triton":  # off the CPU (or forced): Triton, else dequantize + torch's matmul
+        kind, why = _device_kernel(qt, dev, kernel, _triton_runs(dev))
+        if kind == "triton":
+            return _triton_gguf().gguf_matmul_triton(x, blocks, qt, k, out=y)
+        if kernel is None and why not in _warned:
+            _warned.add(why)
+            warnings.warn(f"gguf_gemm: dequantizing the whole {_NAMES[qt]} weight at every call on {dev} ({why})",
+                          RuntimeWarning, stacklevel=2)
         torch.matmul(x, dequantize_torch(blocks, qt, k).T, out=y)
         return y
     kind, lib = _resolve(kernel)

@@ -109,18 +109,26 @@ def ensure_gloo_interface(
     environ: MutableMapping[str, str] | None = None,
     log: Callable[[str], None] = _stderr_line,
 ) -> InterfaceChoice | None:
-    """Set ``GLOO_SOCKET_IFNAME`` to the interface that reaches ``MASTER_ADDR``.
+    """Set ``GLOO_SOCKET_IFNAME`` (and ``NCCL_SOCKET_IFNAME``) to the interface that reaches ``MASTER_ADDR``.
 
-    Does nothing when the variable is already set, MASTER_ADDR is unset or
-    loopback. Rank 0 says which interface it chose in one line; another rank
+    Each variable already set is left alone; nothing happens when MASTER_ADDR
+    is unset or loopback. NCCL picks the first non-loopback interface by
+    itself, which on a multi-homed host need not be the one that reaches the
+    others; its bootstrap and socket transport get the same route as gloo.
+    Rank 0 says which interface it chose for gloo in one line; another rank
     speaks only when its host name would have made gloo bind elsewhere (the
-    case this exists for). Returns the choice made, or None.
+    case this exists for). Returns the choice made for gloo, or None.
     """
     env = os.environ if environ is None else environ
-    if env.get("GLOO_SOCKET_IFNAME") or not env.get("MASTER_ADDR"):
+    gloo_set, nccl_set = bool(env.get("GLOO_SOCKET_IFNAME")), bool(env.get("NCCL_SOCKET_IFNAME"))
+    if (gloo_set and nccl_set) or not env.get("MASTER_ADDR"):
         return None
     choice = choose_interface(env["MASTER_ADDR"])
     if choice is None:
+        return None
+    if not nccl_set:
+        env["NCCL_SOCKET_IFNAME"] = choice.name
+    if gloo_set:
         return None
     env["GLOO_SOCKET_IFNAME"] = choice.name
     default = hostname_address()

@@ -135,7 +135,7 @@ class GGUFMethod(QuantizedMethod):
         super().__init__(weight)  # type: ignore[arg-type]  # a GGUFWeight is a callable weight like QuantizedWeight
 
     def describe(self) -> str:
-        return f"gguf {qtype_name(self.weight.qtype)}, {gguf_gemm.kernel_name(self.weight.device)}"
+        return f"gguf {qtype_name(self.weight.qtype)}, {gguf_gemm.kernel_name(self.weight.device, self.weight.qtype)}"
 
     def __repr__(self) -> str:
         return f"GGUFMethod({self.weight!r})"

@@ -80,8 +80,11 @@ def _log(message: str) -> None:
     print(f"tp-engine: {message}", file=sys.stderr, flush=True)
 
 
-def serve(args: Any, rt: Any, model: Any, tokenizer: Any, sock: socket.socket | None) -> int:
-    """Run the server on this rank until rank 0 stops it; the exit code."""
+def serve(args: Any, rt: Any, model: Any, tokenizer: Any, sock: socket.socket | None, draft_model: Any = None) -> int:
+    """Run the server on this rank until rank 0 stops it; the exit code.
+
+    ``draft_model``: with ``--draft PATH``, that model loaded on the same ranks (sharded like ``model``);
+    otherwise ``args.draft`` ("int8"/"int4") makes a quantized copy of ``model`` the draft."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"tp-engine serve runs on the lean runtime, which does not apply to this model: {reason}")
@@ -92,7 +95,12 @@ def serve(args: Any, rt: Any, model: Any, tokenizer: Any, sock: socket.socket | 
         raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {decoder.max_positions} learned positions")
     draft = getattr(args, "draft", None)
     speculator = None
-    if draft is not None:  # the same quantized copy of its own shard on every rank: proposals agree without messages
+    if draft_model is not None:  # sharded over the same ranks: every rank computes the same proposals
+        reason = unsupported_reason(draft_model)
+        if reason is not None:
+            raise ValueError(f"--draft {draft}: the lean runtime does not apply to this draft model: {reason}")
+        speculator = Speculator(decoder, decoder_for(draft_model), args.num_draft_tokens, catch_up=args.prefill_chunk)
+    elif draft is not None:  # the same quantized copy of its own shard on every rank: proposals agree without messages
         speculator = Speculator(decoder, self_draft(decoder, draft), args.num_draft_tokens, catch_up=args.prefill_chunk)
     engine = Engine(decoder, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                     max_model_len=max_model_len, tokenizer=tokenizer, speculator=speculator)
@@ -106,7 +114,8 @@ def serve(args: Any, rt: Any, model: Any, tokenizer: Any, sock: socket.socket | 
     if plan is not None:
         info["q_heads_per_rank"] = [len(r.q_heads) for r in plan.ranks]
     if speculator is not None:
-        info["draft"] = {"weights": draft.lower(), "num_draft_tokens": speculator.k}
+        kind = {"model": model_id(draft)} if draft_model is not None else {"weights": draft.lower()}
+        info["draft"] = {**kind, "num_draft_tokens": speculator.k}
     return _lead(args, rt, engine, tokenizer, watch, sock, limits, info)
 
 
@@ -163,22 +172,32 @@ def _lead(args: Any, rt: Any, engine: Engine, tokenizer: Any, watch: PeerWatch, 
     host, port = sock.getsockname()[:2]
     _log(f"serving {limits.model_id} on http://{host}:{port} ({rt.world_size} rank(s), max batch {args.max_batch}, "
          f"max queue {args.max_queue}, max model len {limits.max_model_len}"
-         + (f", speculative steps: {info['draft']['weights']} draft, k={info['draft']['num_draft_tokens']}" if "draft" in info
+         + (f", speculative steps: {info['draft'].get('weights') or info['draft']['model']} draft, "
+              f"k={info['draft']['num_draft_tokens']}" if "draft" in info
             else "") + ")")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     watch.start(lambda rank, pid: fail_and_exit(f"rank {rank} (pid {pid}) of the tensor-parallel group is gone"))
+    watchdog = getattr(rt, "watchdog", None)  # heartbeats: peers on other hosts, dead or stopped
+    if watchdog is not None:  # fail the open requests before exiting, instead of the watchdog's bare exit
+        watchdog.set_on_lost(lambda lost: fail_and_exit(_remote_loss(lost)))
     try:
         lead(rt.comm, engine, scheduler)
     except Exception as exc:  # noqa: BLE001 - a collective failed: some rank is gone or stuck
-        found = watch.lost()
-        who = f"rank {found[0]} (pid {found[1]}) of the tensor-parallel group is gone" if found else "the group failed"
+        found, remote = watch.lost(), watchdog.probe() if watchdog is not None else None
+        who = (f"rank {found[0]} (pid {found[1]}) of the tensor-parallel group is gone" if found
+               else _remote_loss(remote) if remote else "the group failed")
         fail_and_exit(f"{who} ({type(exc).__name__}: {exc})".splitlines()[0])
     watch.stop()
     server.should_exit = True
     http.join(SIGNAL_GRACE_S + 2)
     _log("stopped")
     return 0
+
+
+def _remote_loss(lost: Any) -> str:
+    what = "exited" if lost.reason == "exited" else f"has been silent for {lost.silent_s:.1f} s (stopped or unreachable)"
+    return f"rank {lost.rank} on host {lost.host} (pid {lost.pid}) of the tensor-parallel group {what}"
 
 
 class _SpecCollector:
