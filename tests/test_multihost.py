@@ -347,18 +347,22 @@ def test_emulated_latency_holds_pipeline_hand_offs_and_keeps_parity():
     def run(comm):
         slow = LatencyCommunicator(comm, 2e-3)
         p2p, t = p2p_of(slow), torch.zeros(3)
-        start = time.perf_counter()
+        comm.barrier()
+        start = time.perf_counter()  # the ranks are threads: one clock
         if comm.rank == 0:
             p2p.send(t, 1)
         else:
             p2p.recv(t, 0)
-        held = time.perf_counter() - start
+        end = time.perf_counter()
         staged = tp_engine.parallelize(copy.deepcopy(model), comm=slow, pp=2)
-        return held, staged.tp_engine_pipeline.generate(PROMPT, 4)[0]
+        return start, end, staged.tp_engine_pipeline.generate(PROMPT, 4)[0]
 
-    for held, tokens in run_threads(run, 2, timeout=120):
-        assert held >= 2e-3
-        assert tokens == expected
+    (send_start, send_end, tokens0), (_, recv_end, tokens1) = run_threads(run, 2, timeout=120)
+    # The sender holds the message: its send takes the latency, and the receiver cannot have it
+    # sooner after the send began (timed from the send, not from when the receiver got to run).
+    assert send_end - send_start >= 2e-3
+    assert recv_end - send_start >= 2e-3
+    assert tokens0 == tokens1 == expected
 
 
 # ---------------------------------------------------------------- worker side

@@ -14,6 +14,7 @@ import pickle
 import queue as queue_mod
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -247,6 +248,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Threads that only ever sit parked (a receive of an abandoned draft link, tqdm's monitor's sleep)
+# hold no library lock a forked child could inherit.
+_PARKED_THREADS = ("tp-draft-link-", "tqdm_monitor")
+
+
+def _only_thread(wait: float = 2.0) -> bool:
+    """Whether the calling thread is this process's only working Python thread, waiting up to ``wait``
+    seconds for others to end (threads of a finished call, e.g. thread ranks, are usually just returning)."""
+    end = time.monotonic() + wait
+    me = threading.current_thread()
+    while any(t is not me and not t.name.startswith(_PARKED_THREADS) for t in threading.enumerate()):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _rank_main(fn, args, rank, nprocs, port, threads, results) -> None:
     global _runtime
     _runtime = None  # a forked child must not inherit the parent's runtime
@@ -325,15 +343,19 @@ def launch(
     ``fn`` joins the group. If any rank raises or dies, the others are
     stopped and RankFailed names the rank and carries its traceback.
     ``start_method`` defaults to fork on Linux when ranks run one thread
-    (no re-import, and ``args`` need not pickle), else spawn: GNU OpenMP
-    deadlocks in a forked child that starts a thread pool.
+    (no re-import, and ``args`` need not pickle) and this process runs no
+    other Python thread, else spawn: GNU OpenMP deadlocks in a forked child
+    that starts a thread pool, and a lock another thread holds at the fork
+    stays held in the child forever (seen: MKL's allocator, taken by a
+    thread still finishing a matmul, left a child spinning in its first GEMM).
     """
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive integer, got {nprocs!r}")
     if threads_per_rank is None:
         threads_per_rank = max(1, (os.cpu_count() or 1) // nprocs)
     if start_method is None:
-        start_method = "fork" if sys.platform.startswith("linux") and threads_per_rank == 1 else "spawn"
+        forkable = sys.platform.startswith("linux") and threads_per_rank == 1 and _only_thread()
+        start_method = "fork" if forkable else "spawn"
     elif start_method == "fork" and threads_per_rank > 1:
         raise ValueError("launch: start_method='fork' needs threads_per_rank=1 (OpenMP is not fork-safe)")
     ctx = mp.get_context(start_method)
