@@ -223,13 +223,14 @@ def _tcp_pair(mode: str):
 
 
 @pytest.mark.parametrize("mode, words, limit", [
-    ("gone", "rank 1 closed its connection", 3.0),
+    # A closed socket reads as end-of-file, or as a reset when data was still in flight: either names it.
+    ("gone", ("rank 1 closed its connection", "rank 1 is gone"), 3.0),
     ("silent", "rank 1 sent nothing for 2 s", 4.0),
     ("mismatch", "called different collectives", 3.0),
 ])
 def test_tcp_failures_name_the_rank(mode, words, limit):
     message, elapsed = run_ranks(_tcp_pair, 2, mode)[0]
-    assert words in message, message
+    assert any(w in message for w in ((words,) if isinstance(words, str) else words)), message
     assert elapsed < limit, elapsed
 
 

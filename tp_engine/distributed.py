@@ -346,8 +346,8 @@ def launch(
     (no re-import, and ``args`` need not pickle) and this process runs no
     other Python thread, else spawn: GNU OpenMP deadlocks in a forked child
     that starts a thread pool, and a lock another thread holds at the fork
-    stays held in the child forever (seen: MKL's allocator, taken by a
-    thread still finishing a matmul, left a child spinning in its first GEMM).
+    stays held in the child forever (seen once in CI: a forked rank spinning
+    forever in MKL's allocator in its first GEMM, the holder not identified).
     """
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive integer, got {nprocs!r}")
