@@ -151,7 +151,7 @@ def test_bad_inputs_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="blocks must be a contiguous non-empty 2-D uint8"):
         tg.gguf_matmul_triton(x, b.view(torch.int8), int(T.Q8_0), 64)
     for bad in (x.double(), x.to(torch.int32), x.T.contiguous().T):
-        with pytest.raises(ValueError, match="x must be a contiguous non-empty 2-D float32, float16 or bfloat16"):
+        with pytest.raises(ValueError, match="x must be a contiguous non-empty 2-D float32, float16, bfloat16 tensor"):
             tg.gguf_matmul_triton(bad, b, int(T.Q8_0), 64)
     with pytest.raises(ValueError, match="x has 32 columns, the weight has k = 64"):
         tg.gguf_matmul_triton(x[:, :32].contiguous(), b, int(T.Q8_0), 64)

@@ -313,10 +313,11 @@ def _check_weight(blocks: Any, qtype: Any, k: Any) -> tuple[int, int, int]:
     return qt, blocks.shape[0], qk
 
 
-def _check_x(x: Any, k: int, device: torch.device) -> int:
-    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+def _check_x(x: Any, k: int, device: torch.device, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> int:
+    if not (isinstance(x, torch.Tensor) and x.dtype in dtypes and x.dim() == 2 and x.is_contiguous()
             and x.shape[0] >= 1):
-        raise ValueError(f"x must be a contiguous non-empty 2-D float32 tensor (M, k), got {_desc(x)}")
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"x must be a contiguous non-empty 2-D {names} tensor (M, k), got {_desc(x)}")
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} columns, the weight has k = {k}")
     if x.device != device:

@@ -297,17 +297,6 @@ def _split_k(programs: int, nb: int, device: torch.device) -> int:
     return max(1, min(want, nb // 2))
 
 
-def _check_x(x: object, k: int, device: torch.device) -> int:
-    if not (isinstance(x, torch.Tensor) and x.dtype in _X_DTYPES and x.dim() == 2 and x.is_contiguous()
-            and x.shape[0] >= 1):
-        raise ValueError(f"x must be a contiguous non-empty 2-D float32, float16 or bfloat16 tensor (M, k), got {G._desc(x)}")
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} columns, the weight has k = {k}")
-    if x.device != device:
-        raise ValueError(f"x is on {x.device}, the blocks on {device}")
-    return x.shape[0]
-
-
 def gguf_matmul_triton(
     x: torch.Tensor, blocks: torch.Tensor, qtype: int, k: int, out: torch.Tensor | None = None, *,
     split_k: int | None = None,
@@ -324,7 +313,7 @@ def gguf_matmul_triton(
     if qt not in FORMATS:
         have = ", ".join(G._NAMES[f] for f in sorted(FORMATS))
         raise ValueError(f"no Triton kernel for GGUF {G._NAMES[qt]}; implemented: {have}")
-    m = _check_x(x, k, blocks.device)
+    m = G._check_x(x, k, blocks.device, _X_DTYPES)
     y = G._check_out(out, m, n, blocks.device, (x, blocks))
     if blocks.device.type == "cpu" and not _interpreting():
         raise ValueError("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)")
