@@ -1,6 +1,7 @@
 """Shared helpers: tiny random models of every covered family, and rank launching."""
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -94,18 +95,23 @@ def smollm2_gguf_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+@functools.cache
+def _smollm2_transformers():
+    """transformers' own model of the bundled SmolLM2 GGUF (dequantized), loaded once per session."""
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32)
+
+
 def transformers_greedy_chat(prompt: str, tokens: int) -> str:
     """The unsharded reference for servers: transformers' greedy answer to one chat prompt (the bundled
     SmolLM2 GGUF, dequantized by transformers), decoded up to its first EOS."""
-    from transformers import AutoModelForCausalLM
-
     from tp_engine.loading import load_tokenizer
     from tp_engine.serve.protocol import chat_prompt_ids
 
-    path = smollm2_gguf_path()
-    tok = load_tokenizer(None)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
+    tok, model = load_tokenizer(None), _smollm2_transformers()
     ids = torch.tensor([chat_prompt_ids(tok, [{"role": "user", "content": prompt}])])
     with torch.no_grad():
         new = model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:].tolist()

@@ -183,6 +183,8 @@ def run_call(model: nn.Module, call: _Call) -> torch.Tensor:
     ids = [engine.add_request(p, call.params) for p in call.prompts]
     while engine.has_unfinished:
         for out in engine.step():
+            if out.error is not None:  # one command, one answer: a failed sequence fails the call
+                raise RuntimeError(f"tp_engine.generate: sequence {out.request_id} failed: {out.error}")
             if call.streamer is not None and out.new_tokens:
                 call.streamer.put(torch.tensor(out.new_tokens))
     if call.streamer is not None:

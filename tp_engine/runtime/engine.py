@@ -44,7 +44,8 @@ class Request:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the cache
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: str | None = None  # why, when finish_reason is "error"
     generator: torch.Generator | None = None
     carried: torch.Tensor | None = None  # embedding of tokens[-1] from the greedy exchange
 
@@ -76,6 +77,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
+    error: str | None = None  # finish_reason "error": what failed (this request alone; the others go on)
 
 
 class Engine:
@@ -227,7 +229,12 @@ class Engine:
                 if req.prefilled < len(req.prompt):
                     continue  # more prompt to read
             emitting.append((i, req))
-        produced = self._choose(h, emitting)
+        produced, failed = self._choose(h, emitting)
+        for req, message in failed:
+            self.fail(req.id, message)
+            outputs.append(StepOutput(req.id, [], True, "error", error=message))
+        if failed:
+            emitting = [(i, req) for i, req in emitting if not req.finished]
         logprobs = self._logprobs(h, emitting, produced)
         for req, token in produced:
             req.tokens.append(token)
@@ -329,10 +336,17 @@ class Engine:
             req.carried = None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _choose(self, h: torch.Tensor, emitting: list[tuple[int, Request]]) -> list[tuple[Request, int]]:
-        """Next token of each emitting request, in ``emitting`` order."""
+    def _choose(self, h: torch.Tensor, emitting: list[tuple[int, Request]]
+                ) -> tuple[list[tuple[Request, int]], list[tuple[Request, str]]]:
+        """(next token of each emitting request, in ``emitting`` order; the requests whose choice failed).
+
+        A choice that raises (a sampling setting that cannot be computed, a user's processor that
+        fails) fails its request alone. The collectives (argmax, top-k, full logits) run for the
+        whole batch before any per-row work, and the per-row work sees the same numbers on every
+        rank, so every rank fails the same requests and the group stays in step."""
         vocab = self.decoder.vocab
         chosen: dict[int, int] = {}
+        failed: dict[int, str] = {}
         greedy = [(i, r) for i, r in emitting if not r.params.do_sample and not r.params.processes_at(len(r.tokens))]
         if greedy:
             rows = h[[i for i, _ in greedy]]
@@ -347,14 +361,17 @@ class Engine:
             group = [(i, r) for i, r in topk if r.params.top_k == k]
             vals, idx = vocab.top_k(vocab.local_logits(h[[i for i, _ in group]]).float(), k)
             for j, (i, req) in enumerate(group):
-                chosen[i] = sample_from_top_k(vals[j], idx[j], vocab.vocab_size, req.params, req.generator)
-        full = [(i, r) for i, r in emitting if i not in chosen]
+                _per_row(chosen, failed, i, sample_from_top_k, vals[j], idx[j], vocab.vocab_size, req.params,
+                         req.generator)
+        full = [(i, r) for i, r in emitting if i not in chosen and i not in failed]
         if full:
             logits = vocab.full_logits(h[[i for i, _ in full]])
             for j, (i, req) in enumerate(full):
                 ids = torch.tensor(req.prompt + req.tokens, dtype=torch.long)
-                chosen[i] = choose_from_logits(logits[j].cpu(), ids, req.params, len(req.prompt), req.generator)
-        return [(req, chosen[i]) for i, req in emitting]
+                _per_row(chosen, failed, i, choose_from_logits, logits[j].cpu(), ids, req.params, len(req.prompt),
+                         req.generator)
+        return ([(req, chosen[i]) for i, req in emitting if i in chosen],
+                [(req, failed[i]) for i, req in emitting if i in failed])
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
@@ -376,6 +393,25 @@ class Engine:
         before = self.tokenizer.decode(req.tokens[-n:-1], skip_special_tokens=False) if n > 1 else ""
         return any(s in tail and s not in before for s in req.params.stop_strings)
 
+    def fail(self, request_id: Hashable, message: str) -> bool:
+        """End a request with finish reason "error" (its slot is freed); False if unknown or finished."""
+        req = self._known.get(request_id)
+        if req is None or req.finished:
+            return False
+        req.error = message
+        self._finish(req, "error")
+        return True
+
+    def fail_running(self, message: str) -> list[StepOutput]:
+        """End every admitted request with ``message``: after a step that raised part-way, their
+        state (prefill progress, carried embeddings, the draft's cache) cannot be trusted. Waiting
+        requests were not touched by the step and stay queued."""
+        outputs = []
+        for req in list(self.running):
+            self.fail(req.id, message)
+            outputs.append(StepOutput(req.id, [], True, "error", error=message))
+        return outputs
+
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         req.carried = None
@@ -386,3 +422,11 @@ class Engine:
                 self.speculator.release(req.slot)
         elif req in self.waiting:
             self.waiting.remove(req)
+
+
+def _per_row(chosen: dict[int, int], failed: dict[int, str], i: int, choose: Any, *args: Any) -> None:
+    """``chosen[i] = choose(*args)``, or ``failed[i]`` = the error it raised (see ``Engine._choose``)."""
+    try:
+        chosen[i] = choose(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever one request's settings raise ends that request only
+        failed[i] = f"choosing the next token failed: {type(exc).__name__}: {exc}".splitlines()[0]

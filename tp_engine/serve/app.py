@@ -2,7 +2,8 @@
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as
 server-sent events or not), ``GET /v1/models``, ``GET /health`` and
-``GET /metrics``, and a chat page at ``/``. Every failure is OpenAI's error JSON with its status
+``GET /metrics``, the OpenAPI description at ``GET /openapi.json`` (request
+schemas from :mod:`.schema`), and a chat page at ``/``. Every failure is OpenAI's error JSON with its status
 code; a streamed request that fails after its first byte gets the error
 JSON as its last event. A client that goes away cancels its sequence.
 """
@@ -32,6 +33,7 @@ from .protocol import (
     usage,
 )
 from .scheduler import Scheduler, Sequence
+from .schema import chat_operation, completion_operation
 
 __all__ = ["create_app"]
 
@@ -62,7 +64,7 @@ async def _read_json(request: Request, limit: int) -> Any:
 def create_app(scheduler: Scheduler, tokenizer: Any, limits: Limits, *, api_key: str | None = None,
                info: dict[str, Any] | None = None) -> FastAPI:
     """The app; ``info`` (ranks, split, ...) is shown in ``/v1/models`` and ``/health``."""
-    app = FastAPI(title="tp-engine", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tp-engine", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     info = dict(info or {})
 
     @app.exception_handler(APIError)
@@ -88,7 +90,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, limits: Limits, *, api_key:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    @app.get("/")
+    @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
 
@@ -109,11 +111,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, limits: Limits, *, api_key:
                 "max_model_len": limits.max_model_len, **info}
         return JSONResponse({"object": "list", "data": [card]})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=chat_operation(limits))
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=completion_operation(limits))
     async def completions(request: Request) -> Response:
         return await complete(request, chat=False)
 

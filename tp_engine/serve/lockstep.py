@@ -19,11 +19,20 @@ prompts). A step without news costs one small broadcast.
 An ``add_request`` that raises ValueError raises it on every rank alike
 (the engine's checks are deterministic), so the ranks stay in step; rank 0
 reports the error to the request's client.
+
+No request takes the group down. A token choice that fails (a sampling
+setting that cannot be computed) ends that request alone, inside the engine.
+A step that raises anywhere else, outside a collective, raised on every rank
+alike (the same code on the same numbers): every rank ends the requests the
+step was running with that error and the group goes on. An error raised from
+inside a collective (the communicator, torch.distributed, MPI) means a rank is
+gone or stuck: it propagates, and the server's loss handling takes over.
 """
 from __future__ import annotations
 
 import json
 import time
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -31,7 +40,7 @@ import torch
 from ..comm.base import Communicator
 from ..runtime import Engine, SamplingParams, StepOutput
 
-__all__ = ["FRAME", "apply", "follow", "receive", "send"]
+__all__ = ["FRAME", "apply", "follow", "from_collective", "receive", "send"]
 
 FRAME = 4096
 _HEADER = 8
@@ -93,11 +102,31 @@ def apply(engine: Engine, decision: dict[str, Any]) -> tuple[list[StepOutput], d
     for rid in decision.get("cancel", ()):
         engine.cancel(rid)
         engine.forget(rid)
-    outputs = engine.step()
+    try:
+        outputs = engine.step()
+    except Exception as exc:
+        if from_collective(exc):
+            raise
+        outputs = engine.fail_running(f"the engine failed on this step: {type(exc).__name__}: {exc}".splitlines()[0])
     for out in outputs:
         if out.finished:
             engine.forget(out.request_id)
     return outputs, errors
+
+
+_COLLECTIVE_MODULES = ("tp_engine.comm", "torch.distributed", "mpi4py")
+
+
+def from_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) was raised inside a communicator: then the group itself failed."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            if str(frame.f_globals.get("__name__", "")).startswith(_COLLECTIVE_MODULES):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def follow(comm: Communicator, engine: Engine, stopping: Callable[[], None] = lambda: None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "GREEDY_BELOW_TEMPERATURE",
     "APIError",
     "Completion",
     "Limits",
@@ -40,6 +41,9 @@ _UNSUPPORTED = {
 }
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4
+# Temperatures below this are greedy, as vLLM does (its _SAMPLING_EPS): logits / 1e-300 overflow to inf and
+# the softmax to NaN, and a temperature that small picks the argmax anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = {True: 20, False: 5}  # alternatives per token OpenAI allows: chat, legacy completions
 
 
@@ -242,7 +246,7 @@ def parse_request(body: Any, tokenizer: Any, limits: Limits, *, chat: bool) -> C
     elif max_tokens > room:
         raise _bad(f"{param} {max_tokens} plus the prompt's {len(prompt)} tokens exceeds the context of "
                    f"{limits.max_model_len} tokens", param, "context_length_exceeded")
-    sample = temperature > 0
+    sample = temperature >= GREEDY_BELOW_TEMPERATURE
     params = dict(
         max_new_tokens=max_tokens,
         do_sample=sample,

@@ -152,6 +152,10 @@ class Scheduler:
                     del self._live[out.request_id]
                     seq.done = True
                     m.requests.labels(out.finish_reason or "stop").inc()
+                if out.error is not None:  # this request alone failed; the group and the others go on
+                    events.append((seq, ("error", APIError(500, f"the engine failed on this request: {out.error}",
+                                                           code="engine_error"))))
+                    continue
                 events.append((seq, ("tokens", list(out.new_tokens), out.finish_reason if out.finished else None,
                                      out.logprobs)))
             m.running.set(len(engine.running))
