@@ -64,7 +64,7 @@ def main() -> int:
         req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
         answered = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["message"]["content"]
         print(tail)
-        print(f"\n| date | ranks | cases generated | passed | seconds | server after | valid request |")
+        print("\n| date | ranks | cases generated | passed | seconds | server after | valid request |")
         print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
         print(f"| {date.today()} | {args.nproc} | {cases.group(1) if cases else '?'} | {cases.group(2) if cases else '?'} "
               f"| {seconds:.0f} | {health['status']} | answered ({answered!r}) |")
