@@ -26,10 +26,23 @@ Q6_K, the format the 1.5B Q4_K_M file keeps it in. ``--rows`` also times
 M = 1 int8 with 1, 2 and 4 rows of W in flight (INT8_ROWS: separate
 memory streams).
 
+``--kernels avx2,avx512`` instead times the named CPU kernels side by side
+(interleaved in every round, same process) on the shapes of the
+Qwen2.5-1.5B Q4_K_M file's matmuls at M = 1, float32 and int8 activations:
+(1536 x 1536) Q4_K, (8960 x 1536) Q4_K, (1536 x 8960) Q6_K; ``--gguf PATH``
+takes those weights from the file (every tensor of that format and shape,
+copied to fill the ring), else random blocks. ``--threads`` sets the pool.
+
+``--prefill-int8`` times int8 activations at M = 64, 128, 512 on the real
+shapes: the direct int8 kernels of each x86 build (16 rows of x per pass
+over W) against dequantize + torch matmul (INT8_PREFILL_KERNELS in
+gguf_gemm.py); ``--threads`` sets both pools.
+
 ``--prefill`` also times M = 16..512 with the direct kernels against
 dequantize-then-torch-matmul (the switch DEQUANT_MIN_ROWS in gguf_gemm.py).
 
     python benchmarks/gguf_gemm.py [--quick] [--rounds 3] [--ring-mib 1024] [--cpu-time] [--prefill] [--rows]
+    python benchmarks/gguf_gemm.py --kernels avx2,avx512 [--gguf FILE] [--threads 1] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -94,11 +107,21 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS.values()))
     ap.add_argument("--cpu-time", action="store_true", help="thread CPU time instead of wall time (busy machines)")
     ap.add_argument("--rows", action="store_true", help="also time int8 M = 1 with 1, 2, 4 rows of W in flight")
+    ap.add_argument("--kernels", default=None, help="compare these CPU kernels (e.g. avx2,avx512) on the real shapes")
+    ap.add_argument("--gguf", default=None, help="with --kernels: take the weights from this GGUF file")
+    ap.add_argument("--threads", type=int, default=1, help="with --kernels / --prefill-int8: the threads")
+    ap.add_argument("--prefill-int8", action="store_true", help="int8 direct kernels vs dequant + GEMM, M = 64..512")
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
         CLOCK = time.thread_time
     torch.set_num_threads(1)
+    if args.kernels:
+        compare_kernels(args)
+        return
+    if args.prefill_int8:
+        prefill_int8(args)
+        return
     ring_bytes = (args.ring_mib or (32 if args.quick else 1024)) << 20
     reps = 10 if args.quick else 40
     rounds = 1 if args.quick else args.rounds
@@ -155,6 +178,90 @@ def main() -> None:
           f"Default activations here: {G.activations_mode()}.)")
     if args.prefill:
         prefill(gen, rounds, 3 if args.quick else 7)
+
+
+REAL_SHAPES = [(12, 1536, 1536), (12, 8960, 1536), (14, 1536, 8960)]  # (qtype, N, K) of the Q4_K_M file
+
+
+def _file_weights(path: str, qt: int, n: int, k: int) -> list[torch.Tensor]:
+    """Every tensor of ``path`` of type ``qt`` and shape (n, k), as (n, bytes per row) uint8 tensors."""
+    import gguf
+
+    out = []
+    for t in gguf.GGUFReader(path).tensors:
+        if int(t.tensor_type) == qt and [int(v) for v in t.shape] == [k, n]:
+            out.append(torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(n, -1)))
+    return out
+
+
+def compare_kernels(args) -> None:
+    """M = 1 µs per call of each kernel x activations on the real shapes (interleaved; best round's median)."""
+    from tp_engine.kernels import threads
+
+    kernels = args.kernels.split(",")
+    threads.set_threads(args.threads)
+    ring_bytes = (args.ring_mib or (32 if args.quick else 1024)) << 20
+    reps = 10 if args.quick else 40
+    rounds = 1 if args.quick else args.rounds
+    gen = np.random.default_rng(0)
+    print(f"kernels {kernels}; {'weights of ' + args.gguf if args.gguf else 'random blocks'}; ring {ring_bytes >> 20} MiB; "
+          f"{args.threads} thread(s); {'thread CPU time' if args.cpu_time else 'wall time'}; M = 1; "
+          f"median of {reps} calls, best of {rounds} rounds; {time.strftime('%Y-%m-%d %H:%M')}\n")
+    print("| format | N x K | tensors | " + " | ".join(f"{kn} {a} µs" for kn in kernels for a in ACTS) + " |")
+    print("|---|---|---|" + "---|" * (len(kernels) * len(ACTS)))
+    for qt, n, k in REAL_SHAPES:
+        src = _file_weights(args.gguf, qt, n, k) if args.gguf else [random_blocks(qt, n, k, gen)]
+        if not src:
+            print(f"| {FORMATS[qt]} | {n}x{k} | 0 | (none in the file) |")
+            continue
+        nbytes = src[0].numel()
+        ws = [src[i % len(src)].clone() for i in range(max(len(src), 2, -(-ring_bytes // nbytes)))]
+        x = torch.randn(1, k)
+        y = torch.empty(1, n)
+        best = {(kn, a): float("inf") for kn in kernels for a in ACTS}
+        for _ in range(rounds):
+            for kn in kernels:
+                for a in ACTS:
+                    t = median_us(lambda w, kn=kn, a=a: G.gguf_matmul(x, w, qt, k, out=y, kernel=kn, activations=a),
+                                  ws, reps)
+                    best[kn, a] = min(best[kn, a], t)
+        print(f"| {FORMATS[qt]} | {n}x{k} | {len(src)} | " + " | ".join(f"{best[kn, a]:.0f}" for kn in kernels for a in ACTS)
+              + " |")
+        del ws
+
+
+def prefill_int8(args) -> None:
+    """Wall ms per call at M = 64, 128, 512: dequantize + torch matmul vs the int8 kernels of each x86 build."""
+    from tp_engine.kernels import threads
+
+    threads.set_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    gen = np.random.default_rng(0)
+    rounds = 1 if args.quick else args.rounds
+    kinds = [kn for kn in ("avx512", "avx2") if G._lib(kn) is not None]
+    print(f"int8 prefill; {args.threads} thread(s); wall ms, median of 5 (3 at M = 512), best of {rounds} rounds; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}\n")
+    print("| format | N x K | M | dequant + GEMM ms | " + " | ".join(f"int8 {kn} ms" for kn in kinds) + " |")
+    print("|---|---|---|---|" + "---|" * len(kinds))
+    for qt, n, k in REAL_SHAPES:
+        w = random_blocks(qt, n, k, gen)
+        for m in (64, 128, 512):
+            x = torch.randn(m, k)
+            y = torch.empty(m, n)
+            best: dict[str, float] = {}
+            for _ in range(rounds):
+                for name in ["dequant", *kinds]:
+                    ts = []
+                    for _ in range(5 if m < 512 else 3):
+                        t0 = time.perf_counter()
+                        if name == "dequant":  # the float prefill path (what int8 mode ran before)
+                            G.gguf_matmul(x, w, qt, k, out=y, activations="float32")
+                        else:
+                            G._lib(name).tp_gguf_gemm_i8(qt, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(),
+                                                         G.INT8_ROWS)
+                        ts.append(time.perf_counter() - t0)
+                    best[name] = min(best.get(name, float("inf")), statistics.median(ts) * 1e3)
+            print(f"| {FORMATS[qt]} | {n}x{k} | {m} | " + " | ".join(f"{best[nm]:.1f}" for nm in ["dequant", *kinds]) + " |")
 
 
 def prefill(gen: np.random.Generator, rounds: int, reps: int) -> None:

@@ -37,8 +37,9 @@ U = 2.0 ** -24
 
 def _kernels() -> list[str]:
     ks = ["portable", "torch"]
-    if G._lib("avx2") is not None:
-        ks.insert(0, "avx2")
+    for vec in ("neon", "avx2", "avx512"):  # NEON on AArch64 hosts (elsewhere: tests/test_neon_kernels.py, under qemu)
+        if G._lib(vec) is not None:
+            ks.insert(0, vec)
     return ks
 
 
@@ -99,8 +100,8 @@ SHAPES = {32: [(5, 64), (19, 96)], 256: [(7, 512), (3, 256)]}
 @pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
 def test_matmul_against_float64_reference(qt, kernel):
     qk = gguf.GGML_QUANT_SIZES[qt][0]
-    ms = [1, 3, 16, 17, 40] + ([70] if kernel == "avx2" else [])  # 70 >= DEQUANT_MIN_ROWS: the prefill path
-    assert kernel != "avx2" or 70 >= G.DEQUANT_MIN_ROWS
+    ms = [1, 3, 16, 17, 40] + ([70] if kernel in ("avx512", "avx2", "neon") else [])  # 70 >= DEQUANT_MIN_ROWS: prefill
+    assert 70 >= G.DEQUANT_MIN_ROWS
     for i, (n, k) in enumerate(SHAPES[qk]):
         b = make_blocks(qt, n, k, seed=i)
         bt = torch.from_numpy(b)
@@ -191,8 +192,16 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_kernel_name_and_forced_portable(monkeypatch):
-    if G._lib("avx2") is not None:
+    monkeypatch.delenv(G.KERNEL_ENV, raising=False)  # the default choice first (a run may force one)
+    if G._lib("avx512") is not None:
+        assert G.kernel_name() == "avx512"
+        monkeypatch.setenv(G.KERNEL_ENV, "avx2")  # still forces the AVX2 build
         assert G.kernel_name() == "avx2"
+        monkeypatch.delenv(G.KERNEL_ENV)
+    elif G._lib("avx2") is not None:
+        assert G.kernel_name() == "avx2"
+    elif G._lib("neon") is not None:
+        assert G.kernel_name() == ("neon-dotprod" if G._lib("neon").tp_gguf_is_neon() == 2 else "neon")
     assert G.kernel_name("cuda") == ("triton" if G._triton_runs("cuda") else "torch-dequant")
     monkeypatch.setenv(G.KERNEL_ENV, "portable")
     assert G.kernel_name() == "portable"
@@ -257,7 +266,7 @@ def check_int8(y: torch.Tensor, x: torch.Tensor, b: np.ndarray, qt: int, k: int,
     xq, dx = np_quantize(x.numpy(), qk)
     yd = y.double().numpy()
     assert y.dtype == torch.float32 and yd.shape == (x.shape[0], b.shape[0])
-    n = {"avx2": 2 * k // 32 + 8, "portable": k // 4 + 16, "torch": k + 16}[kernel]
+    n = {"avx512": 2 * k // 32 + 8, "avx2": 2 * k // 32 + 8, "neon": 2 * k // 32 + 8, "portable": k // 4 + 16, "torch": k + 16}[kernel]
     float_bound = 1.01 * n * U / (1 - n * U) * (np.abs(xq) @ (np.abs(w) + 2 * _min_part(qt, b, k)).T)
     err_a = np.abs(yd - xq @ w.T)
     assert np.all(err_a <= float_bound), f"{kernel} {qt.name} (a): worst ratio {(err_a / float_bound).max():.3g}"
@@ -276,9 +285,10 @@ def test_int8_matmul_against_float64_reference(qt, kernel):
     for i, (n, k) in enumerate(SHAPES[qk] + [(9, 4 * qk)]):
         b = make_blocks(qt, n, k, seed=10 + i)
         bt = torch.from_numpy(b)
-        x = torch.randn(17, k, generator=torch.Generator().manual_seed(i)) * torch.rand(17, 1) * 4
+        x = torch.randn(70, k, generator=torch.Generator().manual_seed(i)) * torch.rand(70, 1) * 4
         x[2, :qk] = 0  # an all-zero block: dx = 0
-        for m in (1, 2, 3, 16, 17):
+        # 70 >= DEQUANT_MIN_ROWS: the x86 kernels keep int8 there (INT8_PREFILL_KERNELS)
+        for m in (1, 2, 3, 16, 17) + ((70,) if kernel in G.INT8_PREFILL_KERNELS else ()):
             xm = x[:m].contiguous()
             check_int8(G.gguf_matmul(xm, bt, int(qt), k, kernel=kernel, activations="int8"), xm, b, qt, k, kernel)
 
@@ -319,7 +329,7 @@ def test_quantize_activations_rule(qt):
     xq, dref = np_quantize(torch.where(fin.repeat_interleave(qk, 1), x, 0.0).numpy(), qk)
     got = (q.double().reshape(5, 2, qk) * dx.double()[:, :, None]).reshape(5, k).numpy()
     assert np.array_equal(got[fin.repeat_interleave(qk, 1).numpy()], xq[fin.repeat_interleave(qk, 1).numpy()])
-    for kernel in ("avx2", "portable"):
+    for kernel in ("avx512", "avx2", "neon", "portable"):
         lib = G._lib(kernel)
         if lib is None:
             continue
@@ -347,8 +357,14 @@ def test_activations_selection(monkeypatch):
     assert G.activations_mode() == "int8"
     assert torch.equal(G.gguf_matmul(x, b, qt, k), i8)
     assert torch.equal(G.gguf_matmul(x, b, qt, k, activations="float32"), f32)  # the argument wins
-    big = torch.randn(G.DEQUANT_MIN_ROWS, k)  # prefill keeps float32 activations
-    assert torch.equal(G.gguf_matmul(big, b, qt, k), G.gguf_matmul(big, b, qt, k, activations="float32"))
+    big = torch.randn(G.DEQUANT_MIN_ROWS, k)
+    if G.kernel_name() in G.INT8_PREFILL_KERNELS:  # x86: the int8 kernels at any M
+        i8big = G.gguf_matmul(big, b, qt, k)
+        assert not torch.equal(i8big, G.gguf_matmul(big, b, qt, k, activations="float32"))
+        check_int8(i8big, big, b.numpy(), T.Q4_K, k, G.kernel_name())
+        assert torch.equal(i8big[:16], G.gguf_matmul(big[:16].contiguous(), b, qt, k))  # groups of 16 rows
+    else:  # elsewhere prefill keeps float32 activations
+        assert torch.equal(G.gguf_matmul(big, b, qt, k), G.gguf_matmul(big, b, qt, k, activations="float32"))
     monkeypatch.setenv(G.ACTIVATIONS_ENV, "float32")
     assert torch.equal(G.gguf_matmul(x, b, qt, k), f32)
     monkeypatch.setenv(G.ACTIVATIONS_ENV, "int4")
@@ -358,3 +374,30 @@ def test_activations_selection(monkeypatch):
     assert G.activations_mode() == G.DEFAULT_ACTIVATIONS
     with pytest.raises(ValueError, match="activations must be one of"):
         G.gguf_matmul(x, b, qt, k, activations="bf16")
+
+
+@pytest.mark.skipif(G._lib("avx512") is None or G._lib("avx2") is None, reason="needs AVX-512 F/BW/VL/DQ/VNNI")
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_avx512_is_avx2_bitwise(qt):
+    """The AVX-512 build's int8 kernels (gguf_avx512.h) sum the same integers per lane as AVX2's and then take
+    the same float steps: int8 results are bitwise the AVX2 build's (extremes included: all-0xFF blocks, x at
+    +-127). Float activations: bitwise too except Q4_K / Q5_K / Q6_K, whose dot-mode kernels (gguf_avx512_f32.h)
+    sum 16 lanes (their bound: test_matmul_against_float64_reference)."""
+    qk = gguf.GGML_QUANT_SIZES[qt][0]
+    acts = ("int8",) if qt in (T.Q4_K, T.Q5_K, T.Q6_K) else ("int8", "float32")
+    for i, (n, k) in enumerate(SHAPES[qk] + [(37, 4 * qk)]):
+        bt = torch.from_numpy(make_blocks(qt, n, k, seed=20 + i))
+        x = torch.randn(17, k, generator=torch.Generator().manual_seed(i)) * 3
+        for m in (1, 2, 3, 4, 16, 17):
+            for act in acts:
+                xm = x[:m].contiguous()
+                a = G.gguf_matmul(xm, bt, int(qt), k, kernel="avx2", activations=act)
+                b = G.gguf_matmul(xm, bt, int(qt), k, kernel="avx512", activations=act)
+                assert torch.equal(a, b), f"{qt.name} n={n} k={k} M={m} {act}: max diff {(a - b).abs().max():.3g}"
+    ff = torch.from_numpy(np.full((3, 2 * gguf.GGML_QUANT_SIZES[qt][1]), 0xFF, dtype=np.uint8))
+    at = [0, 2] if qt in (T.Q4_1, T.Q4_K, T.Q5_K) else [208] if qt == T.Q6_K else [0]
+    ff.view(-1, gguf.GGML_QUANT_SIZES[qt][1])[:, [a + j for a in at for j in (0, 1)]] = 0x20  # finite scales
+    xe = torch.tensor([[1.0, -1.0] * qk, [-1.0] * (2 * qk)])
+    for act in acts:
+        assert torch.equal(G.gguf_matmul(xe, ff, int(qt), 2 * qk, kernel="avx2", activations=act),
+                           G.gguf_matmul(xe, ff, int(qt), 2 * qk, kernel="avx512", activations=act))

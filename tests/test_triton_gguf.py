@@ -187,7 +187,7 @@ def test_dispatch_choice(monkeypatch):
     assert G.kernel_name("cuda", int(T.Q5_K)) == "torch-dequant"
     monkeypatch.setattr(G, "_triton_runs", lambda dev: False)
     assert G.kernel_name("cuda") == "torch-dequant"
-    assert G.kernel_name("cpu") in ("avx2", "portable", "torch")  # the CPU choice is untouched
+    assert G.kernel_name("cpu") in ("avx512", "avx2", "portable", "torch")  # the CPU choice is untouched
 
 
 @needs_cuda

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from . import model_files
+from .kernels import threads as kernel_threads
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "shm")
@@ -51,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     base.add_argument("--shares", default=None, help="relative work per rank, e.g. 3,1")
     base.add_argument("--nproc", type=int, default=None, help="start this many local ranks")
+    base.add_argument(
+        "--threads", type=int, default=None,
+        help="threads per rank, for the matmul kernels and torch (default: $TP_ENGINE_THREADS, else the cores "
+        "this process may use divided by the ranks on this host, at least 1)",
+    )
+    base.add_argument(
+        "--ranks-per-host", default=None, metavar="auto|l3|N",
+        help="pin each rank on this host to its share of the CPUs: auto = one rank per NUMA node, l3 = one per L3 "
+        "domain, N = N ranks (cut along NUMA nodes, then L3 domains); threads: one per physical core of the share. "
+        "Without --nproc it also says how many ranks to start; under torchrun/mpirun each rank pins itself",
+    )
     base.add_argument("--backend", choices=BACKENDS, default=os.environ.get("TP_ENGINE_BACKEND", "auto"))
     base.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     base.add_argument("--verbose", action="store_true", help="full tracebacks and debug logs")
@@ -129,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     if args.nproc is not None and args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if args.command == "serve":
         _validate_serve(args)
     else:
@@ -576,12 +590,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tp-engine: error: {kind}{exc}".splitlines()[0], file=sys.stderr, flush=True)
             return 2 if isinstance(exc, (ValueError, FileNotFoundError)) else 1
     try:
+        placements = _plan_host(args) if getattr(args, "ranks_per_host", None) is not None and not _already_launched() else None
         _validate(args)
         if args.nproc and args.nproc > 1 and not _already_launched():
             _check_plan_before_spawn(args)
             from .spawn import run_local_ranks
 
-            return run_local_ranks(_without_nproc(argv), args.nproc)
+            rank_env = [p.env() for p in placements] if placements else None
+            return run_local_ranks(_without_nproc(argv), args.nproc, threads_per_rank=args.threads, rank_env=rank_env)
+        if placements:  # one rank: this process, pinned below like a launched rank
+            os.environ.update(placements[0].env())
         return _run(args)
     except KeyboardInterrupt:
         return 130
@@ -631,17 +649,91 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _ranks_per_host(text: str) -> tuple[int | str, str]:
+    """``--ranks-per-host``: (ranks or "auto", prefer)."""
+    if text in ("auto", "l3"):
+        return "auto", "numa" if text == "auto" else "l3"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(f"--ranks-per-host must be auto, l3 or a positive integer, got {text!r}")
+    return n, "numa"
+
+
+def _plan_host(args: argparse.Namespace) -> list:
+    """The launcher's side of ``--ranks-per-host``: every local rank's CPUs and threads (sets ``args.nproc``)."""
+    from .launch.topology import plan_ranks, read_topology
+
+    ranks, prefer = _ranks_per_host(args.ranks_per_host)
+    topo = read_topology()
+    wanted = len(topo.domains(prefer)) if ranks == "auto" else ranks
+    if args.nproc is not None and args.nproc != wanted:
+        raise UsageError(f"--nproc {args.nproc} starts every rank on this host, but --ranks-per-host "
+                         f"{args.ranks_per_host} means {wanted} here ({topo.describe()}); give one of them")
+    plan = plan_ranks(topo, wanted, getattr(args, "threads", None), prefer)
+    args.nproc = len(plan)
+    return plan
+
+
+def _pin_this_rank(args: argparse.Namespace) -> None:
+    """A rank's side: pin to ``$TP_ENGINE_CPUS`` (the launcher's plan), or plan this host itself under
+    torchrun/mpirun with ``--ranks-per-host``. Before any thread pool starts: threads inherit the mask."""
+    from .launch.topology import CPUS_ENV, local_rank_from_env, pin_rank
+
+    local_rank, local_world = local_rank_from_env() or (0, 1)
+    prefer = "numa"
+    if not os.environ.get(CPUS_ENV):
+        ranks, prefer = _ranks_per_host(args.ranks_per_host)
+        if ranks != "auto" and ranks != local_world:
+            raise UsageError(f"--ranks-per-host {ranks}, but the launcher started {local_world} rank(s) on this host")
+    threads = pin_rank(local_rank, local_world, getattr(args, "threads", None), prefer)
+    if local_rank == 0 and os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+        print(f"tp-engine: local rank 0 pinned to CPUs {os.environ[CPUS_ENV]}, {threads} thread(s)",
+              file=sys.stderr, flush=True)
+
+
+def _ranks_on_this_host(world_size: int) -> int:
+    """Local ranks as the launcher says (torchrun, ``--nproc``, Open MPI, MPICH / PMI), else all of them."""
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return world_size
+
+
+def _threads_per_rank(args: argparse.Namespace) -> int:
+    """``--threads``, else ``$TP_ENGINE_THREADS`` (the launcher's, or a CPU plan's), else
+    ``$OMP_NUM_THREADS``, else this process's cores over the ranks on this host."""
+    if args.threads is not None:
+        return args.threads
+    value = os.environ.get(kernel_threads.THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise UsageError(f"{kernel_threads.THREADS_ENV} must be a positive integer, got {value!r}")
+        return int(value)
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": nested levels, the first counts
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
+    return kernel_threads.default_threads_per_rank(_ranks_on_this_host(world))
+
+
 def _run(args: argparse.Namespace) -> int:
     from .distributed import init, shutdown
 
     if args.command == "chat":
         # Other ranks wait on rank 0's keyboard: only a dead peer should end that wait.
         os.environ.setdefault("TP_ENGINE_TIMEOUT", str(7 * 24 * 3600))
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+    if getattr(args, "ranks_per_host", None) is not None or os.environ.get("TP_ENGINE_CPUS"):
+        _pin_this_rank(args)
+    threads = _threads_per_rank(args)
+    torch.set_num_threads(threads)  # attention, norms and sampling run in torch
+    kernel_threads.set_threads(threads)
     backend = None if args.backend == "auto" else args.backend
     rt = init(backend=backend, device=args.device)
+    _log(rt, kernel_threads.layout_line(rt.world_size, _ranks_on_this_host(rt.world_size), threads))
     extra = {}
     if args.command == "serve" and rt.rank == 0:  # take the port before the (slow) load: a busy one fails at once
         from .serve.server import bind

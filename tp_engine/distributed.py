@@ -30,6 +30,8 @@ from .comm.mpi import MPICommunicator, mpi_world_from_env
 from .comm.shm import ShmCommunicator, try_shm_communicator
 from .comm.torch_dist import TorchDistCommunicator
 from .comm.watchdog import Watchdog
+from .kernels.threads import THREADS_ENV, default_threads_per_rank
+from .kernels.threads import set_threads as set_kernel_threads
 from .launch.interface import ensure_gloo_interface, host_addresses, rendezvous_source
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -265,9 +267,18 @@ def _only_thread(wait: float = 2.0) -> bool:
     return True
 
 
-def _rank_main(fn, args, rank, nprocs, port, threads, results) -> None:
+def _rank_main(fn, args, rank, nprocs, port, threads, results, placement=None) -> None:
     global _runtime
     _runtime = None  # a forked child must not inherit the parent's runtime
+    if placement is not None:  # pinned before torch or the kernels start a thread (threads inherit the mask)
+        from .launch.topology import pin_rank
+
+        os.environ.update(placement.env())
+        try:
+            threads = pin_rank(rank)
+        except Exception:
+            results.put((rank, False, traceback.format_exc()))
+            return
     # The launching process watches its children and stops them all when one fails, naming it;
     # a heartbeat watchdog in each rank would race it (a survivor's exit taken for the failure).
     os.environ.setdefault("TP_ENGINE_PEER_TIMEOUT", "0")
@@ -280,7 +291,11 @@ def _rank_main(fn, args, rank, nprocs, port, threads, results) -> None:
         MASTER_PORT=str(port),
         TP_ENGINE_LAUNCHER="launch",
     )
+    # torch's pool and the kernels' pool get the same size (the kernel pool is
+    # made at the rank's first matmul: never one inherited across the fork)
+    os.environ[THREADS_ENV] = str(threads)
     torch.set_num_threads(threads)
+    set_kernel_threads(threads)
     try:
         value = fn(*args)
         # Plain pickle: torch's queue reducers would share tensors through
@@ -336,11 +351,20 @@ def launch(
     threads_per_rank: int | None = None,
     timeout: float | None = None,
     start_method: str | None = None,
+    placements: Any = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` local ranks; return their results by rank.
 
+    ``placements``: one :class:`tp_engine.launch.topology.RankPlacement` per rank
+    (``plan_ranks(read_topology(), nprocs)``): each rank pins itself to its CPUs
+    and runs its thread count (``TP_ENGINE_CPUS``/``TP_ENGINE_THREADS`` set),
+    in place of ``threads_per_rank``.
+
     Each rank sees torchrun's variables, so ``tp_engine.init()`` inside
-    ``fn`` joins the group. If any rank raises or dies, the others are
+    ``fn`` joins the group. ``threads_per_rank`` (default: the cores this
+    process may use divided by ``nprocs``, at least 1) sizes both torch's
+    thread pool and the kernels' (:mod:`tp_engine.kernels.threads`; also
+    ``TP_ENGINE_THREADS`` in the rank). If any rank raises or dies, the others are
     stopped and RankFailed names the rank and carries its traceback.
     ``start_method`` defaults to fork on Linux when ranks run one thread
     (no re-import, and ``args`` need not pickle) and this process runs no
@@ -348,11 +372,17 @@ def launch(
     that starts a thread pool, and a lock another thread holds at the fork
     stays held in the child forever (seen once in CI: a forked rank spinning
     forever in MKL's allocator in its first GEMM, the holder not identified).
+    The kernels' pool is not the reason: a forked rank never uses the
+    parent's workers, it starts its own at its first matmul.
     """
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if placements is not None:
+        if len(placements) != nprocs:
+            raise ValueError(f"launch: {len(placements)} placements for {nprocs} ranks")
+        threads_per_rank = max(p.threads for p in placements)
     if threads_per_rank is None:
-        threads_per_rank = max(1, (os.cpu_count() or 1) // nprocs)
+        threads_per_rank = default_threads_per_rank(nprocs)
     if start_method is None:
         forkable = sys.platform.startswith("linux") and threads_per_rank == 1 and _only_thread()
         start_method = "fork" if forkable else "spawn"
@@ -362,7 +392,8 @@ def launch(
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, args, r, nprocs, port, threads_per_rank, results), daemon=True)
+        ctx.Process(target=_rank_main, args=(fn, args, r, nprocs, port, threads_per_rank, results,
+                                             None if placements is None else placements[r]), daemon=True)
         for r in range(nprocs)
     ]
     for p in procs:

@@ -1,15 +1,17 @@
 """Build a small C helper with ``cc`` at first use and cache the shared library.
 
-Used by the shared-memory all-reduce (comm/shm_allreduce.c) and the AVX2
-matmuls (kernels/cpu_gemm.c). The library is keyed by a hash of the source,
-compiler, flags and platform, and installed atomically, so ranks compiling
-at once each load a complete file.
+Used by the shared-memory all-reduce (comm/shm_allreduce.c), the matmuls
+(kernels/cpu_gemm.c, kernels/gguf_gemm.c) and their thread pool
+(kernels/pool.c). The library is keyed by a hash of the source
+(and the local headers it includes), compiler, flags and platform, and
+installed atomically, so ranks compiling at once each load a complete file.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -28,12 +30,29 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "tp_engine"
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _sources(src: Path) -> list[bytes]:
+    """The bytes of ``src`` and of the ``#include "..."`` files it pulls in from its own folder, recursively
+    (gguf_gemm.c's NEON kernels live in headers: a change there must rebuild too)."""
+    seen: dict[Path, bytes] = {}
+    todo = [src]
+    while todo:
+        p = todo.pop()
+        if p in seen or not p.is_file():
+            continue
+        seen[p] = p.read_bytes()
+        todo += [p.parent / m.decode() for m in _INCLUDE.findall(seen[p])]
+    return [seen[p] for p in sorted(seen)]
+
+
 def _build(src: Path, flags: list[str], out_dir: Path, timeout: float) -> Path:
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not on PATH)")
     key = hashlib.sha256(
-        b"\0".join([src.read_bytes(), cc.encode(), " ".join(flags).encode(), platform.machine().encode(), sys.platform.encode()])
+        b"\0".join([*_sources(src), cc.encode(), " ".join(flags).encode(), platform.machine().encode(), sys.platform.encode()])
     ).hexdigest()[:16]
     so = out_dir / f"{src.stem}-{key}.so"
     if so.exists():

@@ -226,8 +226,11 @@ class ShmCommunicator:
         self.timeout = float(timeout)
         self.close_fallback = close_fallback
         # More ranks than cores: a spinning rank only delays the one it waits
-        # for, so give the CPU away at once instead of busy-waiting first.
-        self._spin_s = 0.0 if self.world_size > _usable_cpus() else SPIN_S
+        # for, so give the CPU away at once instead of busy-waiting first. A rank
+        # pinned by the launcher (TP_ENGINE_CPUS, launch/topology.py) owns its CPUs,
+        # which no other rank shares: it may spin however few they are.
+        pinned = bool(os.environ.get("TP_ENGINE_CPUS"))
+        self._spin_s = 0.0 if not pinned and self.world_size > _usable_cpus() else SPIN_S
         if os.environ.get(SPIN_ENV):
             self._spin_s = float(os.environ[SPIN_ENV]) * 1e-6
         self._seq = 0

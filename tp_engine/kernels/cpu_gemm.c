@@ -37,6 +37,12 @@
  * other rows of x are (a k + 1 token verification gives the bits a 1-token
  * step gives). int4 keeps more (see i4_rows) and is deterministic per plan.
  *
+ * Threads: the N output rows are split into contiguous ranges over the
+ * process's pool (tp_engine/kernels/pool.c), each range walked as above
+ * with its own RR streams. No element's order of additions depends on the
+ * range it falls in (int4: see DEF4), so results are bitwise the same for
+ * any thread count; x is padded (and summed, int4) once, before the split.
+ *
  * Arithmetic is float32 throughout, never -ffast-math. int8: sum_k x*q in
  * float32, times the row's scale once. int4: per group s * (x . u) (few
  * accumulators) or x . (u * s) (many), plus offset[n, g] * sum(x over group
@@ -54,7 +60,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TP_GEMM_ABI 2
+#define TP_GEMM_ABI 3
 #define MAXR 4
 #define MAXMC 8
 #define MAXM 16
@@ -262,11 +268,11 @@ INLINE void i8_rows(const int RR, const int MC, const int8_t *restrict q, int64_
 #define DOT_MAX 4
 #define I4_CHAINS 4
 #define I4_SETS(RR, MC) ((RR) * (MC) >= I4_CHAINS ? 1 : (RR) * (MC) * 2 >= I4_CHAINS ? 2 : 4)
-INLINE void i4_rows(const int RR, const int MC, const uint8_t *restrict wp, int64_t rowb, int64_t G,
-                    int64_t tpg, int64_t seg, int64_t i0, int64_t i1, const float *restrict x, int64_t ldx,
-                    float *restrict y, int64_t N, const float *restrict bias, int64_t pf) {
-    const int SETS = I4_SETS(RR, MC);
-    const int DOT = RR * MC <= DOT_MAX;
+/* SETS, DOT: chosen by the plan's rows of W (see DEF4), not by RR. */
+INLINE void i4_rows(const int RR, const int MC, const int SETS, const int DOT, const uint8_t *restrict wp,
+                    int64_t rowb, int64_t G, int64_t tpg, int64_t seg, int64_t i0, int64_t i1,
+                    const float *restrict x, int64_t ldx, float *restrict y, int64_t N, const float *restrict bias,
+                    int64_t pf) {
     const int64_t ldr = seg * rowb;
     const __m256i low4 = _mm256_set1_epi32(0x0F);
     const int64_t nib0 = 8 * G; /* nibbles start after the scales and offsets */
@@ -345,22 +351,39 @@ typedef void (*i4_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64
                                const float *x, float *y, int64_t N, const float *scale, const float *bias, \
                                int64_t pf) {                                                               \
         i8_rows(RR, MC, q, Kp, seg, i0, i1, x, y, N, scale, bias, pf);                                     \
-    }                                                                                                      \
-    static void i4_##RR##_##MC(const uint8_t *wp, int64_t rowb, int64_t G, int64_t tpg,                    \
-                               int64_t seg, int64_t i0, int64_t i1, const float *x, int64_t ldx, float *y, \
-                               int64_t N, const float *bias, int64_t pf) {                                 \
-        i4_rows(RR, MC, wp, rowb, G, tpg, seg, i0, i1, x, ldx, y, N, bias, pf);                            \
     }
 #define DEF_ROW(RR) DEF(RR, 1) DEF(RR, 2) DEF(RR, 3) DEF(RR, 4) DEF(RR, 5) DEF(RR, 6) DEF(RR, 7) DEF(RR, 8)
 DEF_ROW(1)
 DEF_ROW(2)
 DEF_ROW(4)
 
+/* int4: RR rows in flight, with the accumulators (SETS, DOT) of the plan's
+ * NR >= RR rows. A thread's range (or the rows left over after its RR
+ * slices) may run fewer rows at a time than the plan; each element must
+ * still be summed in the plan's order, or results would depend on where the
+ * thread boundaries fall. */
+#define DEF4(NR, RR, MC)                                                                                     \
+    static void i4_##NR##_##RR##_##MC(const uint8_t *wp, int64_t rowb, int64_t G, int64_t tpg, int64_t seg,  \
+                                      int64_t i0, int64_t i1, const float *x, int64_t ldx, float *y,         \
+                                      int64_t N, const float *bias, int64_t pf) {                            \
+        i4_rows(RR, MC, I4_SETS(NR, MC), (NR) * (MC) <= DOT_MAX, wp, rowb, G, tpg, seg, i0, i1, x, ldx, y, N, \
+                bias, pf);                                                                                   \
+    }
+#define DEF4_ROW(NR, RR) DEF4(NR, RR, 1) DEF4(NR, RR, 2) DEF4(NR, RR, 3) DEF4(NR, RR, 4) DEF4(NR, RR, 5) \
+    DEF4(NR, RR, 6) DEF4(NR, RR, 7) DEF4(NR, RR, 8)
+DEF4_ROW(1, 1)
+DEF4_ROW(2, 1)
+DEF4_ROW(2, 2)
+DEF4_ROW(4, 1)
+DEF4_ROW(4, 2)
+DEF4_ROW(4, 4)
+
 #define ROW(T, RR) {T##_##RR##_1, T##_##RR##_2, T##_##RR##_3, T##_##RR##_4, T##_##RR##_5, T##_##RR##_6, T##_##RR##_7, T##_##RR##_8}
 /* index [log2(RR)][MC - 1] */
 static const f32_fn F32[3][MAXMC] = {ROW(f32, 1), ROW(f32, 2), ROW(f32, 4)};
 static const i8_fn I8[3][MAXMC] = {ROW(i8, 1), ROW(i8, 2), ROW(i8, 4)};
-static const i4_fn I4[3][MAXMC] = {ROW(i4, 1), ROW(i4, 2), ROW(i4, 4)};
+/* index [log2(the plan's rows)][log2(RR)][MC - 1] */
+static const i4_fn I4[3][3][MAXMC] = {{ROW(i4_1, 1)}, {ROW(i4_2, 1), ROW(i4_2, 2)}, {ROW(i4_4, 1), ROW(i4_4, 2), ROW(i4_4, 4)}};
 
 static int rr_index(int rr) { return rr == 1 ? 0 : rr == 2 ? 1 : rr == 4 ? 2 : -1; }
 
@@ -368,10 +391,10 @@ static int bad_plan(int64_t M, int rr, int mc) {
     return M < 1 || M > MAXM || rr_index(rr) < 0 || mc < 1 || mc > MAXMC;
 }
 
-/* The row walk shared by the three formats. M is split into balanced chunks
- * of at most mc rows (5 with mc 4 -> 3 + 2: both keep enough accumulators);
- * W is cut into R slices of seg rows (R = rr, fewer for tiny N), plus N % R
- * rows left over, done one at a time.
+/* The row walk shared by the three formats, over one thread's rows. M is
+ * split into balanced chunks of at most mc rows (5 with mc 4 -> 3 + 2: both
+ * keep enough accumulators); the rows into R slices of seg rows (R = rr,
+ * fewer for tiny N), plus N % R rows left over, done one at a time.
  *
  * One chunk: one pass over all rows. Several: row by row (R rows, one per
  * slice), every chunk in turn, so each weight row leaves memory once and is
@@ -415,19 +438,93 @@ static void plan_walk(walk_t *p, int64_t M, int64_t N, int rr, int mc) {
             for (int c_ = 0; c_ < (p).nc; c_++) CALL(0, 0, N - n0_, c_, n0_, 0);            \
     } while (0)
 
+/* ------------------------------------------------------------------ threads */
+
+/* The process's thread pool (tp_engine/kernels/pool.c's tp_pool_run, handed
+ * over at load time by tp_engine.kernels.threads): run fn(arg, t, n) for
+ * every task t < n <= max_n, on the calling thread and the workers, and
+ * return when all are done; work (bytes of weights) lets it keep tiny
+ * matmuls on one thread. NULL: the calling thread only. */
+typedef void (*tp_job_fn)(void *arg, int t, int n);
+typedef void (*tp_run_fn)(tp_job_fn fn, void *arg, int max_n, int64_t work);
+static tp_run_fn pool_run;
+
+void tp_gemm_set_pool(tp_run_fn run) { pool_run = run; }
+
+/* Every thread takes a contiguous range of the N output rows (and walks it
+ * as above); nothing about an element's sum depends on the range it lies in
+ * (int4: see DEF4), so results are bitwise the same for any thread count. */
+static void parallel_rows(tp_job_fn fn, void *arg, int64_t N, int64_t work) {
+    if (pool_run && N > 1) pool_run(fn, arg, N < 256 ? (int)N : 256, work);
+    else fn(arg, 0, 1);
+}
+
+/* One call's arguments, shared by its threads. */
+typedef struct {
+    const float *x;  /* float32 (M, ldx): x (f32), padded x (i8, int4) */
+    const void *w;   /* the weight rows */
+    const float *scale, *bias;
+    float *y;        /* (M, N) */
+    int64_t M, K, N, ldx, rowb; /* rowb: bytes per weight row */
+    int64_t G, gp;   /* int4 groups: count, padded size */
+    int rr, mc;
+} job_t;
+
+/* Task t of n: rows a .. a + Nr - 1; the pointers below start at row a. */
+#define RANGE(j, t, n)                                                          \
+    const int64_t a_ = (j)->N * (t) / (n), Nr = (j)->N * ((t) + 1) / (n) - a_; \
+    if (Nr < 1) return;                                                         \
+    const int64_t N = (j)->N;                                                   \
+    float *y = (j)->y + a_;                                                     \
+    const float *bias = (j)->bias ? (j)->bias + a_ : NULL;                      \
+    walk_t p;                                                                   \
+    plan_walk(&p, (j)->M, Nr, (j)->rr, (j)->mc)
+
+static void f32_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    RANGE(j, t, n);
+    const int64_t K = j->K;
+    const float *w = (const float *)j->w + a_ * K, *x = j->x;
+    /* the left-over rows (n0 > 0) are one slice of Nr - n0 rows: seg 1 */
+#define F32_CALL(ri, i0, i1, c, n0, pf)                                                                \
+    F32[ri][p.cn[c] - 1](w + (n0) * K, K, (n0) ? 1 : p.seg, i0, i1, x + p.cs[c] * K, y + p.cs[c] * N + (n0), N, \
+                         bias ? bias + (n0) : NULL, pf)
+    WALK(p, Nr, K * 4, F32_CALL);
+}
+
+static void i8_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    RANGE(j, t, n);
+    const int64_t Kp = j->ldx;
+    const int8_t *q = (const int8_t *)j->w + a_ * Kp;
+    const float *xp = j->x, *scale = j->scale + a_;
+#define I8_CALL(ri, i0, i1, c, n0, pf)                                                                 \
+    I8[ri][p.cn[c] - 1](q + (n0) * Kp, Kp, (n0) ? 1 : p.seg, i0, i1, xp + p.cs[c] * Kp, y + p.cs[c] * N + (n0), N, \
+                        scale + (n0), bias ? bias + (n0) : NULL, pf)
+    WALK(p, Nr, Kp, I8_CALL);
+}
+
+static void i4_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    RANGE(j, t, n);
+    const int64_t rowb = j->rowb, ldx = j->ldx, G = j->G, gp = j->gp;
+    const uint8_t *wp = (const uint8_t *)j->w + a_ * rowb;
+    const float *buf = j->x;
+    const i4_fn(*tab)[MAXMC] = I4[rr_index(j->rr)];
+#define I4_CALL(ri, i0, i1, c, n0, pf)                                                                 \
+    tab[ri][p.cn[c] - 1](wp + (n0) * rowb, rowb, G, gp / 16, (n0) ? 1 : p.seg, i0, i1, buf + p.cs[c] * ldx, ldx, \
+                         y + p.cs[c] * N + (n0), N, bias ? bias + (n0) : NULL, pf)
+    WALK(p, Nr, rowb, I4_CALL);
+}
+
 /* ------------------------------------------------------------------ entry points */
 
 /* y (M, N) = x (M, K) @ w (N, K).T (+ bias). Returns 0, or -2 on bad arguments. */
 int tp_gemm_f32(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias, float *y,
                 int rr, int mc) {
     if (bad_plan(M, rr, mc) || K < 1 || N < 1) return -2;
-    walk_t p;
-    plan_walk(&p, M, N, rr, mc);
-    /* the left-over rows (n0 > 0) are one slice of N - n0 rows: seg 1 */
-#define F32_CALL(ri, i0, i1, c, n0, pf)                                                                \
-    F32[ri][p.cn[c] - 1](w + (n0) * K, K, (n0) ? 1 : p.seg, i0, i1, x + p.cs[c] * K, y + p.cs[c] * N + (n0), N, \
-                         bias ? bias + (n0) : NULL, pf)
-    WALK(p, N, K * 4, F32_CALL);
+    job_t j = {.x = x, .w = w, .bias = bias, .y = y, .M = M, .K = K, .N = N, .ldx = K, .rowb = 4 * K, .rr = rr, .mc = mc};
+    parallel_rows(f32_job, &j, N, N * K * 4);
     return 0;
 }
 
@@ -437,7 +534,7 @@ int tp_gemm_i8(const float *x, int64_t M, int64_t K, const int8_t *q, const floa
                const float *bias, float *y, int rr, int mc) {
     if (bad_plan(M, rr, mc) || K < 1 || N < 1 || Kp < K || Kp % 8 || Kp - K >= 8) return -2;
     /* x padded to Kp with zeros: the weights' padding is zero, but 0 * (whatever
-     * lies past the end of x) could be NaN. */
+     * lies past the end of x) could be NaN. Once, before the threads split. */
     float *buf = NULL;
     const float *xp = x;
     if (Kp != K) {
@@ -449,12 +546,9 @@ int tp_gemm_i8(const float *x, int64_t M, int64_t K, const int8_t *q, const floa
         }
         xp = buf;
     }
-    walk_t p;
-    plan_walk(&p, M, N, rr, mc);
-#define I8_CALL(ri, i0, i1, c, n0, pf)                                                                 \
-    I8[ri][p.cn[c] - 1](q + (n0) * Kp, Kp, (n0) ? 1 : p.seg, i0, i1, xp + p.cs[c] * Kp, y + p.cs[c] * N + (n0), N, \
-                        scale + (n0), bias ? bias + (n0) : NULL, pf)
-    WALK(p, N, Kp, I8_CALL);
+    job_t j = {.x = xp, .w = q, .scale = scale, .bias = bias, .y = y, .M = M, .K = K, .N = N, .ldx = Kp, .rowb = Kp,
+               .rr = rr, .mc = mc};
+    parallel_rows(i8_job, &j, N, N * Kp);
     free(buf);
     return 0;
 }
@@ -471,7 +565,8 @@ int tp_gemm_i4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t 
     const int64_t g8 = (G + 7) / 8 * 8, kp = G * gp, ldx = kp + g8, rowb = 8 * G + kp / 2;
     /* x padded per group (zeros), then its group sums (float32, eight lanes
      * summed side by side then across: a scalar chain of K dependent adds
-     * costs more than a small matrix's whole weight read). */
+     * costs more than a small matrix's whole weight read). Once, before the
+     * threads split. */
     float *buf = (float *)aligned_alloc(64, (size_t)((M * ldx * 4 + 63) / 64 * 64));
     if (!buf) return -1;
     for (int64_t m = 0; m < M; m++) {
@@ -496,12 +591,9 @@ int tp_gemm_i4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t 
         }
         for (int64_t g = G; g < g8; g++) row[kp + g] = 0.0f;
     }
-    walk_t p;
-    plan_walk(&p, M, N, rr, mc);
-#define I4_CALL(ri, i0, i1, c, n0, pf)                                                                 \
-    I4[ri][p.cn[c] - 1](wp + (n0) * rowb, rowb, G, gp / 16, (n0) ? 1 : p.seg, i0, i1, buf + p.cs[c] * ldx, ldx, \
-                        y + p.cs[c] * N + (n0), N, bias ? bias + (n0) : NULL, pf)
-    WALK(p, N, rowb, I4_CALL);
+    job_t j = {.x = buf, .w = wp, .bias = bias, .y = y, .M = M, .K = K, .N = N, .ldx = ldx, .rowb = rowb, .G = G,
+               .gp = gp, .rr = rr, .mc = mc};
+    parallel_rows(i4_job, &j, N, N * rowb);
     free(buf);
     return 0;
 }

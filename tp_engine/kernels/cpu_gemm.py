@@ -29,7 +29,8 @@ API (x float32 (M, K) contiguous, 1 <= M <= 16; y float32 (M, N)):
 Numerics: float32 accumulation in a fixed order, errors well inside the
 classic gamma_n bound (see tests/test_cpu_gemm.py), differing from MKL's in
 the last bits. float32 and int8 results are bitwise independent of M and of
-the other rows of x; int4 ones are deterministic for a given M.
+the other rows of x; int4 ones are deterministic for a given M (and plan).
+All are bitwise independent of the thread count.
 
 The canonical layouts are :mod:`tp_engine.kernels.reference`'s. Prepared
 int8 weights are the canonical ones with K padded to a multiple of 8 (the
@@ -40,10 +41,11 @@ group padded to 16 inputs), about the canonical bytes.
 The C file is compiled at first use with ``cc -O3 -mavx2 -mfma`` (``$CC``
 overrides) and cached by a hash of source, compiler and flags under
 ``$TP_ENGINE_CACHE_DIR``, ``$XDG_CACHE_HOME/tp_engine`` or
-``~/.cache/tp_engine``, like :mod:`tp_engine.comm.shm`'s helper. Calls are
-single-threaded and release the GIL (ctypes does for CDLL functions), and
-cost ~4 µs of Python and ctypes on top of the kernel. No autograd: outputs
-carry no gradient history.
+``~/.cache/tp_engine``, like :mod:`tp_engine.comm.shm`'s helper. Calls
+release the GIL (ctypes does for CDLL functions) and split the N output
+rows over :mod:`.threads`' pool (contiguous ranges, each walked with its own
+row streams; one thread for a tiny weight), and cost ~4 µs of Python and
+ctypes on top of the kernel. No autograd: outputs carry no gradient history.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ from typing import Any
 import torch
 
 from ..native import compile_shared
+from . import threads
 
 __all__ = [
     "Int4Weight",
@@ -74,7 +77,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 16  # rows of x per call (the C side's MAXM)
 NO_NATIVE_ENV = "TP_ENGINE_GEMM_NO_C"  # set to 1: available() is False
 
-_ABI = 2
+_ABI = 3
 _C_SOURCE = Path(__file__).with_name("cpu_gemm.c")
 # -std=c11 keeps -ffp-contract off for the scalar epilogues (the vector code
 # states its FMAs explicitly); never -ffast-math: sums must not be reordered.
@@ -128,6 +131,7 @@ def _declare(lib: Any) -> None:
     lib.tp_gemm_i4.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, i, i]
     lib.tp_gemm_i4.restype = i
     lib.tp_gemm_read_sum.argtypes, lib.tp_gemm_read_sum.restype = [p, i64, i], c.c_float
+    lib.tp_gemm_set_pool.argtypes, lib.tp_gemm_set_pool.restype = [p], None
 
 
 _lib_lock = threading.Lock()
@@ -158,6 +162,7 @@ def _load() -> Any | None:
                 raise RuntimeError(f"ABI {lib.tp_gemm_abi()} != {_ABI}")
             if not lib.tp_gemm_cpu_ok():
                 raise RuntimeError("this CPU lacks AVX2 or FMA")
+            lib.tp_gemm_set_pool(threads.run_pointer())  # None: every call on the calling thread
         except Exception as exc:  # any failure means: use torch
             log.info("cpu_gemm: native kernels unavailable (%s)", exc)
             _why_not.append(str(exc))

@@ -6,8 +6,16 @@
  * file, so a range of output rows is a contiguous slice). Formats: Q4_0,
  * Q4_1, Q5_0, Q8_0 (32 weights a block) and Q4_K, Q5_K, Q6_K (256).
  *
- * Built twice from this one file (tp_engine/native.py compiles at first use):
+ * Built from this one file (tp_engine/native.py compiles at first use):
  *   -DTP_GGUF_AVX2 with -mavx2 -mfma -mf16c: the fast kernels below;
+ *   -DTP_GGUF_AVX2 -DTP_GGUF_AVX512 with AVX-512 F/BW/VL/DQ/VNNI too: the
+ *   same, with 512-bit kernels for Q4_K / Q5_K / Q6_K: int8 activations
+ *   from gguf_avx512.h (vpmaddubsw + VNNI vpdpwssd; bitwise the AVX2
+ *   results), float32 dot mode (M = 1) from gguf_avx512_f32.h (16 lanes:
+ *   within float32 rounding, not bitwise AVX2's); chosen at run time where
+ *   the CPU has them (gguf_gemm.py);
+ *   -DTP_GGUF_NEON on AArch64: the NEON kernels of gguf_neon.h (same row
+ *   kernel signatures and tables, run by the same walk and thread split);
  *   without: the portable C kernels only (any CPU, any compiler).
  * Both builds hold the scalar dequantizers, which repeat gguf-py's numpy
  * order of float32 operations exactly (-std=c11 turns FMA contraction off),
@@ -30,7 +38,10 @@
  *
  * Numerics: float32 weights (rounded once from the exact q * d - m), float32
  * FMA accumulation per 8-lane vector in a fixed order, then a horizontal
- * sum. Deterministic for a given plan.
+ * sum. Deterministic for a given plan, and bitwise the same for any number
+ * of threads: the threads of tp_engine/kernels/pool.c split the output rows
+ * into contiguous ranges, and the mode of every row is the plan's, whatever
+ * range (and RR) the row falls in.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,7 +50,7 @@
 #include <immintrin.h>
 #endif
 
-#define TP_GGUF_ABI 2
+#define TP_GGUF_ABI 4
 #define MAXR 4
 #define MAXMC 8
 #define GROUP 16 /* rows of x per pass over W */
@@ -49,16 +60,40 @@ enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13,
 
 int tp_gguf_abi(void) { return TP_GGUF_ABI; }
 
+#if defined(TP_GGUF_AVX512) && !defined(TP_GGUF_AVX2)
+#error "TP_GGUF_AVX512 is the AVX2 build plus gguf_avx512.h: define both"
+#endif
 #ifdef TP_GGUF_AVX2
-int tp_gguf_is_avx2(void) { return 1; }
+/* 1: the AVX2 build, 2: the AVX-512 build (-DTP_GGUF_AVX512 too) */
+int tp_gguf_is_avx2(void) {
+#ifdef TP_GGUF_AVX512
+    return 2;
+#else
+    return 1;
+#endif
+}
 /* Whether this CPU runs the vector code (no vector instructions in here). */
 int tp_gguf_cpu_ok(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef TP_GGUF_AVX512
+    ok = ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#endif
+    return ok;
 }
 #else
 int tp_gguf_is_avx2(void) { return 0; }
 int tp_gguf_cpu_ok(void) { return 1; }
+#endif
+#ifdef TP_GGUF_NEON
+int tp_gguf_is_neon(void); /* 1: the NEON kernels, 2: with sdot (gguf_neon.h) */
+#else
+int tp_gguf_is_neon(void) { return 0; }
+#endif
+#if defined(TP_GGUF_AVX2) || defined(TP_GGUF_NEON)
+#define TP_GGUF_VEC /* vector row kernels, and the walk below that runs them */
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
@@ -95,6 +130,10 @@ INLINE float f16(const uint8_t *p) {
     memcpy(&h, p, 2);
 #ifdef TP_GGUF_AVX2
     return _cvtsh_ss(h);
+#elif defined(TP_GGUF_NEON)
+    __fp16 f; /* fcvt: exact, as f16_soft */
+    memcpy(&f, &h, 2);
+    return (float)f;
 #else
     return f16_soft(h);
 #endif
@@ -108,6 +147,18 @@ INLINE void kscales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
         sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
         mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
     }
+}
+
+/* kscales with 32-bit integer operations (llama.cpp's masks): the 8 scales and
+ * 8 minimums as the bytes of two uint64 (byte j: sub-block j). The vector
+ * kernels use this: byte by byte (kscales), then packed or broadcast one at a
+ * time, the compiler spent ~100 scalar instructions a block on them. */
+__attribute__((unused)) INLINE void kscales64(const uint8_t *s, uint64_t *sc8, uint64_t *mn8) {
+    const uint32_t k1 = 0x3F3F3F3F, k2 = 0x0F0F0F0F, k3 = 0x03030303;
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    *sc8 = (uint64_t)(u[0] & k1) | (uint64_t)((u[2] & k2) | (((u[0] >> 6) & k3) << 4)) << 32;
+    *mn8 = (uint64_t)(u[1] & k1) | (uint64_t)(((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4)) << 32;
 }
 
 /* One block -> float32 weights, in gguf-py's order of operations. */
@@ -212,24 +263,14 @@ static int fmt_info(int t, int *qk, int *qb, deq_fn *deq) {
     }
 }
 
-/* w: N rows of K / qk blocks -> y float32 (N, K). Returns 0, or -2 on bad arguments. */
-int tp_gguf_dequant(int t, const uint8_t *w, int64_t N, int64_t K, float *y) {
-    int qk, qb;
-    deq_fn deq;
-    if (!fmt_info(t, &qk, &qb, &deq) || N < 0 || K < 1 || K % qk) return -2;
-    const int64_t nb = K / qk, rowb = nb * qb;
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t b = 0; b < nb; b++) deq(w + n * rowb + b * qb, y + n * K + b * qk);
-    return 0;
-}
-
 /* ------------------------------------------------------------------ portable matmul */
 
 /* Each block decoded once (into a 256-float buffer in L1) per group of up to
  * 16 rows of x, dotted with them in 8 independent lanes (the compiler
- * vectorises with whatever the target has; no reassociation needed). */
-__attribute__((unused)) static void portable_gemm(deq_fn deq, int qk, int qb, const float *x, int64_t M, int64_t K, const uint8_t *w,
-                          int64_t N, float *y) {
+ * vectorises with whatever the target has; no reassociation needed). N rows
+ * of w; y's rows ldy apart. */
+static void portable_gemm(deq_fn deq, int qk, int qb, const float *x, int64_t M, int64_t K, const uint8_t *w,
+                          int64_t N, int64_t ldy, float *y) {
     const int64_t nb = K / qk, rowb = nb * qb;
     float buf[256];
     float part[GROUP][8];
@@ -247,11 +288,15 @@ __attribute__((unused)) static void portable_gemm(deq_fn deq, int qk, int qb, co
             }
             for (int64_t m = 0; m < mg; m++) {
                 const float *p = part[m];
-                y[(m0 + m) * N + n] = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+                y[(m0 + m) * ldy + n] = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
             }
         }
     }
 }
+
+#ifdef TP_GGUF_NEON
+#include "gguf_neon.h"
+#endif
 
 #ifdef TP_GGUF_AVX2
 /* ------------------------------------------------------------------ AVX2 block kernels */
@@ -266,19 +311,15 @@ INLINE __m256i cvt8u(const uint8_t *p) { /* 8 bytes -> 8 int32 */
 #define CVT(v) _mm256_cvtepi32_ps(v)
 #define XV(m, off) _mm256_loadu_ps(xb + (m) * ldx + (off))
 
-/* Accumulator sets: with few rows of x, one FMA chain per (row of W, row of
- * x) would wait on the FMA latency (4 cycles) instead of the decode; NSETS(RR, MC)
- * independent sets (acc[r][set * MC + m]) keep 4 chains per row of W. */
-#define NSETS(RR, MC) ((MC) == 1 ? ((RR) == 4 ? 2 : 4) : (MC) == 2 && (RR) < 4 ? 2 : 1)
-
-/* acc[r][set j % NSETS][m] += w * x[m][off..off+7] for every m; j: the step's
- * index within the block (a constant after unrolling) */
-#define APPLY(r, w, off, j)                                                                     \
+/* acc[r][m] += w * x[m][off..off+7] for every m. One accumulator per (row of
+ * W, row of x): this scaled mode runs where the dot mode does not (RR * MC
+ * > 4 or MC > 2: enough independent FMA chains), and on the rows a thread
+ * has left over after its RR slices under such a plan (see avx2_range). */
+#define APPLY(r, w, off)                                                                        \
     do {                                                                                        \
         const __m256 w_ = (w);                                                                  \
-        const int s_ = ((j) % NSETS(RR, MC)) * MC;                                                  \
-        _Pragma("GCC unroll 8") for (int m = 0; m < MC; m++) acc[r][s_ + m] =                   \
-            _mm256_fmadd_ps(w_, XV(m, off), acc[r][s_ + m]);                                    \
+        _Pragma("GCC unroll 8") for (int m = 0; m < MC; m++) acc[r][m] =                        \
+            _mm256_fmadd_ps(w_, XV(m, off), acc[r][m]);                                         \
     } while (0)
 
 /* Block kernels: RR blocks (row r's at bp + r * ldr) against the matching
@@ -296,8 +337,8 @@ INLINE void blk_q4_0(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
 #pragma GCC unroll 2
         for (int s = 0; s < 2; s++) {
             const __m256i v = cvt8u(br + 2 + 8 * s);
-            APPLY(r, _mm256_fmsub_ps(CVT(LO4(v)), d, d8), 8 * s, 2 * s);
-            APPLY(r, _mm256_fmsub_ps(CVT(HI4(v)), d, d8), 16 + 8 * s, 2 * s + 1);
+            APPLY(r, _mm256_fmsub_ps(CVT(LO4(v)), d, d8), 8 * s);
+            APPLY(r, _mm256_fmsub_ps(CVT(HI4(v)), d, d8), 16 + 8 * s);
         }
     }
 }
@@ -311,8 +352,8 @@ INLINE void blk_q4_1(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
 #pragma GCC unroll 2
         for (int s = 0; s < 2; s++) {
             const __m256i v = cvt8u(br + 4 + 8 * s);
-            APPLY(r, _mm256_fmadd_ps(CVT(LO4(v)), d, mn), 8 * s, 2 * s);
-            APPLY(r, _mm256_fmadd_ps(CVT(HI4(v)), d, mn), 16 + 8 * s, 2 * s + 1);
+            APPLY(r, _mm256_fmadd_ps(CVT(LO4(v)), d, mn), 8 * s);
+            APPLY(r, _mm256_fmadd_ps(CVT(HI4(v)), d, mn), 16 + 8 * s);
         }
     }
 }
@@ -335,8 +376,8 @@ INLINE void blk_q5_0(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
             const __m256i v = cvt8u(br + 6 + 8 * s);
             const __m256i lo = _mm256_or_si256(LO4(v), _mm256_and_si256(_mm256_srlv_epi32(hl, sh), b4));
             const __m256i hi = _mm256_or_si256(HI4(v), _mm256_and_si256(_mm256_srlv_epi32(hh, sh), b4));
-            APPLY(r, _mm256_fmsub_ps(CVT(lo), d, d16), 8 * s, 2 * s);
-            APPLY(r, _mm256_fmsub_ps(CVT(hi), d, d16), 16 + 8 * s, 2 * s + 1);
+            APPLY(r, _mm256_fmsub_ps(CVT(lo), d, d16), 8 * s);
+            APPLY(r, _mm256_fmsub_ps(CVT(hi), d, d16), 16 + 8 * s);
         }
     }
 }
@@ -350,7 +391,7 @@ INLINE void blk_q8_0(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
 #pragma GCC unroll 4
         for (int s = 0; s < 4; s++) {
             const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(br + 2 + 8 * s)));
-            APPLY(r, _mm256_mul_ps(CVT(q), d), 8 * s, s);
+            APPLY(r, _mm256_mul_ps(CVT(q), d), 8 * s);
         }
     }
 }
@@ -382,8 +423,8 @@ INLINE void blk_k45(const int RR, const int MC, const int HB, const uint8_t *bp,
                     lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_srl_epi32(h, sl), b4));
                     hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srl_epi32(h, sh), b4));
                 }
-                APPLY(r, _mm256_fmsub_ps(CVT(lo), d1, m1), 64 * c + l, l / 4);
-                APPLY(r, _mm256_fmsub_ps(CVT(hi), d2, m2), 64 * c + 32 + l, l / 4 + 1);
+                APPLY(r, _mm256_fmsub_ps(CVT(lo), d1, m1), 64 * c + l);
+                APPLY(r, _mm256_fmsub_ps(CVT(hi), d2, m2), 64 * c + 32 + l);
             }
         }
     }
@@ -427,10 +468,10 @@ INLINE void blk_q6_k(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
                     const __m256i q2 = _mm256_or_si256(LO4(b), _mm256_and_si256(_mm256_slli_epi32(hq, 2), m30));
                     const __m256i q3 = _mm256_or_si256(HI4(a), _mm256_and_si256(hq, m30));
                     const __m256i q4 = _mm256_or_si256(HI4(b), _mm256_and_si256(_mm256_srli_epi32(hq, 2), m30));
-                    APPLY(r, _mm256_fmsub_ps(CVT(q1), s1, o1), 128 * h + e, 0);
-                    APPLY(r, _mm256_fmsub_ps(CVT(q2), s2, o2), 128 * h + 32 + e, 1);
-                    APPLY(r, _mm256_fmsub_ps(CVT(q3), s3, o3), 128 * h + 64 + e, 2);
-                    APPLY(r, _mm256_fmsub_ps(CVT(q4), s4, o4), 128 * h + 96 + e, 3);
+                    APPLY(r, _mm256_fmsub_ps(CVT(q1), s1, o1), 128 * h + e);
+                    APPLY(r, _mm256_fmsub_ps(CVT(q2), s2, o2), 128 * h + 32 + e);
+                    APPLY(r, _mm256_fmsub_ps(CVT(q3), s3, o3), 128 * h + 64 + e);
+                    APPLY(r, _mm256_fmsub_ps(CVT(q4), s4, o4), 128 * h + 96 + e);
                 }
             }
         }
@@ -541,6 +582,9 @@ INLINE void dot_q8_0(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
     }
 }
 
+#ifdef TP_GGUF_AVX512
+#include "gguf_avx512_f32.h" /* dot_k45 and dot_q6_k on 512-bit vectors */
+#else
 /* Q4_K / Q5_K: per 64 weights the nibbles (and fifth bits) are split with
  * byte operations into a 64-byte staging buffer in L1, then widened 8 at a
  * time (as for Q6_K: a quarter of the integer work of 32-bit lanes). */
@@ -552,9 +596,11 @@ INLINE void dot_k45(const int RR, const int MC, const int HB, const uint8_t *bp,
 #pragma GCC unroll 4
     for (int r = 0; r < RR; r++) {
         const uint8_t *br = bp + r * ldr;
-        const float d = f16(br);
-        uint8_t sc[8], mn[8];
-        kscales(br + 4, sc, mn);
+        uint64_t sc8, mn8;
+        kscales64(br + 4, &sc8, &mn8);
+        /* d * scale of the 8 sub-blocks in 8 lanes (the same float products as one at a time) */
+        const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(f16(br)),
+                                         CVT(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc8))));
         const __m256i qh = HB ? _mm256_loadu_si256((const __m256i *)(br + 16)) : b4;
 #pragma GCC unroll 1
         for (int c = 0; c < 4; c++) {
@@ -580,17 +626,17 @@ INLINE void dot_k45(const int RR, const int MC, const int HB, const uint8_t *bp,
                 DOT(alo, cvt8u(q + l), 64 * c + l);
                 DOT(ahi, cvt8u(q + 32 + l), 64 * c + 32 + l);
             }
-            TOT(r, 0, _mm256_set1_ps(d * (float)sc[2 * c]), alo);
-            TOT(r, 1, _mm256_set1_ps(d * (float)sc[2 * c + 1]), ahi);
+            TOT(r, 0, _mm256_permutevar8x32_ps(dsc, _mm256_set1_epi32(2 * c)), alo);
+            TOT(r, 1, _mm256_permutevar8x32_ps(dsc, _mm256_set1_epi32(2 * c + 1)), ahi);
         }
         /* minus dmin * mn[j] * (sum of x over sub-block j), the 8 sub-blocks in the 8 lanes */
-        uint64_t mn8;
-        memcpy(&mn8, mn, 8);
         const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(f16(br + 2)),
                                         CVT(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn8))));
         for (int m = 0; m < MC; m++) acc[r][m] = _mm256_fnmadd_ps(dm, _mm256_loadu_ps(sxb + m * ldsx), acc[r][m]);
     }
 }
+
+#endif /* !TP_GGUF_AVX512 */
 
 INLINE void dot_q4_k(const int RR, const int MC, const uint8_t *bp, int64_t ldr, const float *xb, int64_t ldx,
                      const float *sxb, int64_t ldsx, acc_t acc, float corr[MAXR][MAXMC]) {
@@ -603,6 +649,7 @@ INLINE void dot_q5_k(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
     dot_k45(RR, MC, 1, bp, ldr, xb, ldx, sxb, ldsx, acc);
 }
 
+#ifndef TP_GGUF_AVX512 /* gguf_avx512_f32.h has its own */
 /* Q6_K: the 6-bit values of 128 weights are put together 32 at a time with
  * byte operations, less 32, into a 128-byte int8 staging buffer (L1, written
  * and read back at once): a quarter of the integer work of doing it 8 at a
@@ -647,6 +694,8 @@ INLINE void dot_q6_k(const int RR, const int MC, const uint8_t *bp, int64_t ldr,
     }
 }
 
+#endif /* !TP_GGUF_AVX512 */
+
 /* ------------------------------------------------------------------ AVX2 rows and instantiation */
 
 INLINE float hsum8(__m256 a) {
@@ -662,19 +711,21 @@ INLINE float hsum8(__m256 a) {
 typedef void (*rows_fn)(const uint8_t *w, int64_t rowb, int64_t nb, int64_t seg, int64_t i0, int64_t i1,
                         const float *x, int64_t ldx, const float *sx, int64_t ldsx, float *y, int64_t ldy);
 
-#define DEF_ROWS(FMT, QK, QB, RR, MC)                                                                       \
-    static void FMT##_##RR##_##MC(const uint8_t *w, int64_t rowb, int64_t nb, int64_t seg, int64_t i0,      \
-                                  int64_t i1, const float *x, int64_t ldx, const float *sx, int64_t ldsx,   \
-                                  float *y, int64_t ldy) {                                                  \
+/* DOT: dot mode (else scaled mode), chosen by the plan (DOTMODE of the
+ * plan's rows of W and the chunk's rows of x), not by RR: see avx2_range. */
+#define DEF_ROWS(FMT, QK, QB, RR, MC, DOT)                                                                  \
+    static void FMT##_##RR##_##MC##_##DOT(const uint8_t *w, int64_t rowb, int64_t nb, int64_t seg,          \
+                                          int64_t i0, int64_t i1, const float *x, int64_t ldx,              \
+                                          const float *sx, int64_t ldsx, float *y, int64_t ldy) {           \
         const int64_t ldr = seg * rowb;                                                                     \
-        const int dot = DOTMODE(RR, MC), sets = dot ? 2 : NSETS(RR, MC);                                    \
+        const int sets = DOT ? 2 : 1;                                                                       \
         for (int64_t i = i0; i < i1; i++) {                                                                 \
             const uint8_t *wi = w + i * rowb;                                                               \
             acc_t acc;                                                                                      \
             float corr[MAXR][MAXMC] = {{0}};                                                                \
             for (int r = 0; r < RR; r++)                                                                    \
                 for (int m = 0; m < MC * sets; m++) acc[r][m] = _mm256_setzero_ps();                        \
-            if (dot)                                                                                        \
+            if (DOT)                                                                                        \
                 for (int64_t b = 0; b < nb; b++)                                                            \
                     dot_##FMT(RR, MC, wi + b * QB, ldr, x + b * QK, ldx, sx + b * (QK / 32), ldsx, acc, corr); \
             else                                                                                            \
@@ -683,25 +734,29 @@ typedef void (*rows_fn)(const uint8_t *w, int64_t rowb, int64_t nb, int64_t seg,
                 for (int m = 0; m < MC; m++) {                                                              \
                     __m256 a = acc[r][m];                                                                   \
                     if (sets == 2) a = _mm256_add_ps(a, acc[r][MC + m]);                                    \
-                    if (sets == 4)                                                                          \
-                        a = _mm256_add_ps(_mm256_add_ps(a, acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])); \
                     y[m * ldy + i + r * seg] = hsum8(a) + corr[r][m];                                       \
                 }                                                                                           \
         }                                                                                                   \
     }
 
-/* Instantiated plans (RR, MC): the accumulators and decoded weights fit the
- * 16 vector registers. */
+/* Instantiated (RR, MC): the accumulators and decoded weights fit the 16
+ * vector registers. Dot mode for RR * MC <= 4, MC <= 2; scaled mode for the
+ * plans (4, 2), (2, 3..4), (1, 3..8), and (1, 2), (2, 2) for the rows a
+ * thread has left over under plan (4, 2). */
 #define DEF_FMT(FMT, QK, QB)                                                                                     \
-    DEF_ROWS(FMT, QK, QB, 4, 1) DEF_ROWS(FMT, QK, QB, 4, 2) DEF_ROWS(FMT, QK, QB, 2, 1)                         \
-    DEF_ROWS(FMT, QK, QB, 2, 2) DEF_ROWS(FMT, QK, QB, 2, 3) DEF_ROWS(FMT, QK, QB, 2, 4)                         \
-    DEF_ROWS(FMT, QK, QB, 1, 1) DEF_ROWS(FMT, QK, QB, 1, 2) DEF_ROWS(FMT, QK, QB, 1, 3)                         \
-    DEF_ROWS(FMT, QK, QB, 1, 4) DEF_ROWS(FMT, QK, QB, 1, 5) DEF_ROWS(FMT, QK, QB, 1, 6)                         \
-    DEF_ROWS(FMT, QK, QB, 1, 7) DEF_ROWS(FMT, QK, QB, 1, 8)                                                      \
-    static const rows_fn FMT##_tab[3][MAXMC] = {                                                                 \
-        {FMT##_1_1, FMT##_1_2, FMT##_1_3, FMT##_1_4, FMT##_1_5, FMT##_1_6, FMT##_1_7, FMT##_1_8},                \
-        {FMT##_2_1, FMT##_2_2, FMT##_2_3, FMT##_2_4, 0, 0, 0, 0},                                                \
-        {FMT##_4_1, FMT##_4_2, 0, 0, 0, 0, 0, 0}};
+    DEF_ROWS(FMT, QK, QB, 4, 1, 1) DEF_ROWS(FMT, QK, QB, 2, 1, 1) DEF_ROWS(FMT, QK, QB, 1, 1, 1)                \
+    DEF_ROWS(FMT, QK, QB, 2, 2, 1) DEF_ROWS(FMT, QK, QB, 1, 2, 1)                                               \
+    DEF_ROWS(FMT, QK, QB, 4, 2, 0) DEF_ROWS(FMT, QK, QB, 2, 2, 0) DEF_ROWS(FMT, QK, QB, 1, 2, 0)                \
+    DEF_ROWS(FMT, QK, QB, 2, 3, 0) DEF_ROWS(FMT, QK, QB, 2, 4, 0)                                               \
+    DEF_ROWS(FMT, QK, QB, 1, 3, 0) DEF_ROWS(FMT, QK, QB, 1, 4, 0) DEF_ROWS(FMT, QK, QB, 1, 5, 0)                \
+    DEF_ROWS(FMT, QK, QB, 1, 6, 0) DEF_ROWS(FMT, QK, QB, 1, 7, 0) DEF_ROWS(FMT, QK, QB, 1, 8, 0)                \
+    static const rows_fn FMT##_tab[2][3][MAXMC] = {                                                              \
+        {{0, FMT##_1_2_0, FMT##_1_3_0, FMT##_1_4_0, FMT##_1_5_0, FMT##_1_6_0, FMT##_1_7_0, FMT##_1_8_0},         \
+         {0, FMT##_2_2_0, FMT##_2_3_0, FMT##_2_4_0, 0, 0, 0, 0},                                                 \
+         {0, FMT##_4_2_0, 0, 0, 0, 0, 0, 0}},                                                                    \
+        {{FMT##_1_1_1, FMT##_1_2_1, 0, 0, 0, 0, 0, 0},                                                           \
+         {FMT##_2_1_1, FMT##_2_2_1, 0, 0, 0, 0, 0, 0},                                                           \
+         {FMT##_4_1_1, 0, 0, 0, 0, 0, 0, 0}}};
 
 DEF_FMT(q4_0, 32, 18)
 DEF_FMT(q4_1, 32, 20)
@@ -711,7 +766,9 @@ DEF_FMT(q4_k, 256, 144)
 DEF_FMT(q5_k, 256, 176)
 DEF_FMT(q6_k, 256, 210)
 
-static const rows_fn (*avx2_tab(int t))[MAXMC] {
+typedef const rows_fn (*avx2_tab_t)[3][MAXMC]; /* [dot mode][log2(RR)][MC - 1] */
+
+static avx2_tab_t avx2_tab(int t) {
     switch (t) {
     case T_Q4_0: return q4_0_tab;
     case T_Q4_1: return q4_1_tab;
@@ -724,15 +781,113 @@ static const rows_fn (*avx2_tab(int t))[MAXMC] {
     }
 }
 
-static int rr_index(int rr) { return rr == 1 ? 0 : rr == 2 ? 1 : rr == 4 ? 2 : -1; }
+/* sums of x over each 32 inputs (eight lanes side by side, then across) */
+static void avx2_sums32(const float *x, int64_t M, int64_t K, float *sx) {
+    const int64_t ls = K / 32;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ls; g++) {
+            const float *p = x + m * K + 32 * g;
+            const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                                           _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
+            sx[m * ls + g] = hsum8(s);
+        }
+}
 
-/* One group of mg <= 16 rows of x. W is cut into R slices of seg rows (plus
- * N - R * seg rows left over, done by the RR = 1 kernels); the rows of x into
- * balanced chunks of at most mc. One chunk: one pass. Several: row by row,
- * every chunk in turn, so a row of W comes from memory once and the later
- * chunks find it in L1. */
-static void avx2_group(const rows_fn (*tab)[MAXMC], int qk, int qb, const float *x, int64_t mg, int64_t K,
-                       const float *sx, const uint8_t *w, int64_t N, float *y, int rr, int mc) {
+/* The names the walk and entry points below use for the vector build's
+ * kernels (gguf_neon.h gives them for NEON). */
+typedef avx2_tab_t vec_tab_t;
+#define vec_tab avx2_tab
+#define vec_sums32 avx2_sums32
+#define vec_i8_tab i8_tab
+#define vec_quantize_x quantize_x_avx2
+#endif /* TP_GGUF_AVX2 */
+
+__attribute__((unused)) static int rr_index(int rr) { return rr == 1 ? 0 : rr == 2 ? 1 : rr == 4 ? 2 : -1; }
+
+/* ------------------------------------------------------------------ threads */
+
+/* The process's thread pool (tp_engine/kernels/pool.c's tp_pool_run, handed
+ * over at load time by tp_engine.kernels.threads): run fn(arg, t, n) for
+ * every task t < n <= max_n, on the calling thread and the workers, and
+ * return when all are done; work (bytes of weights) lets it keep tiny
+ * matmuls on one thread. NULL: the calling thread only. */
+typedef void (*tp_job_fn)(void *arg, int t, int n);
+typedef void (*tp_run_fn)(tp_job_fn fn, void *arg, int max_n, int64_t work);
+static tp_run_fn pool_run;
+
+void tp_gguf_set_pool(tp_run_fn run) { pool_run = run; }
+
+/* Every thread takes a contiguous range of the N output rows; what an
+ * element's sum is does not depend on the range it lies in (see
+ * avx2_range), so results are bitwise the same for any thread count. */
+static void parallel_rows(tp_job_fn fn, void *arg, int64_t N, int64_t work) {
+    if (pool_run && N > 1) pool_run(fn, arg, N < 256 ? (int)N : 256, work);
+    else fn(arg, 0, 1);
+}
+
+/* One call's arguments, shared by its threads. */
+typedef struct {
+    int t, qk, qb, rr, mc;
+    deq_fn deq;
+    const float *x, *sx; /* float x (M, K) and its sums over 32 inputs */
+    const int8_t *q;     /* int8 x: q (M, K), d (M, K / qk), s (M, K / 32) */
+    const float *d;
+    const int16_t *s;
+    const uint8_t *w;
+    float *y;
+    int64_t M, K, N;
+} job_t;
+
+/* Task t of n: rows *a .. *a + *nr - 1 of N (0 rows: nothing to do). */
+static int thread_rows(int64_t N, int t, int n, int64_t *a, int64_t *nr) {
+    *a = N * t / n;
+    *nr = N * (t + 1) / n - *a;
+    return *nr > 0;
+}
+
+/* dequantize_rows (the prefill path's decode). */
+static void dequant_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    int64_t a, nr;
+    if (!thread_rows(j->N, t, n, &a, &nr)) return;
+    const int64_t nb = j->K / j->qk, rowb = nb * j->qb;
+    for (int64_t r = a; r < a + nr; r++)
+        for (int64_t b = 0; b < nb; b++) j->deq(j->w + r * rowb + b * j->qb, j->y + r * j->K + b * j->qk);
+}
+
+/* w: N rows of K / qk blocks -> y float32 (N, K). Returns 0, or -2 on bad arguments. */
+int tp_gguf_dequant(int t, const uint8_t *w, int64_t N, int64_t K, float *y) {
+    int qk, qb;
+    deq_fn deq;
+    if (!fmt_info(t, &qk, &qb, &deq) || N < 0 || K < 1 || K % qk) return -2;
+    if (N == 0) return 0;
+    job_t j = {.qk = qk, .qb = qb, .deq = deq, .w = w, .y = y, .K = K, .N = N};
+    parallel_rows(dequant_job, &j, N, N * (K / qk) * qb);
+    return 0;
+}
+
+/* The portable kernel on a thread's rows (x: float x, or int8 x as float). */
+__attribute__((unused)) static void portable_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    int64_t a, nr;
+    if (!thread_rows(j->N, t, n, &a, &nr)) return;
+    const int64_t rowb = j->K / j->qk * j->qb;
+    portable_gemm(j->deq, j->qk, j->qb, j->x, j->M, j->K, j->w + a * rowb, nr, j->N, j->y + a);
+}
+
+#ifdef TP_GGUF_VEC
+/* One group of mg <= 16 rows of x against the N rows of a thread's range
+ * (w, y: at its first row; y row stride ldy). The range is cut into R
+ * slices of seg rows (plus N - R * seg rows left over, done by the RR = 1
+ * kernels); the rows of x into balanced chunks of at most mc. One chunk: one
+ * pass. Several: row by row, every chunk in turn, so a row of W comes from
+ * memory once and the later chunks find it in L1.
+ *
+ * Where the range falls depends on the thread count, and so do R and the
+ * left-over rows; the kernel's mode (dot or scaled) must not, since the two
+ * sum in different orders: it is DOTMODE(rr, chunk) of the plan's rr. */
+static void avx2_range(vec_tab_t tab, int qk, int qb, const float *x, int64_t mg, int64_t K, const float *sx,
+                       const uint8_t *w, int64_t N, float *y, int64_t ldy, int rr, int mc) {
     const int64_t ls = K / 32;
     const int64_t nb = K / qk, rowb = nb * qb;
     int nc = (int)((mg + mc - 1) / mc), cs[GROUP], cn[GROUP], m0 = 0;
@@ -745,18 +900,33 @@ static void avx2_group(const rows_fn (*tab)[MAXMC], int qk, int qb, const float 
     while (R > 1 && N < R) R >>= 1;
     const int64_t seg = N / R, n0 = R * seg;
     const int ri = rr_index(R);
+#define KERNEL(r, c) tab[DOTMODE(rr, cn[c])][r][cn[c] - 1]
     if (nc == 1) {
-        tab[ri][cn[0] - 1](w, rowb, nb, seg, 0, seg, x, K, sx, ls, y, N);
+        KERNEL(ri, 0)(w, rowb, nb, seg, 0, seg, x, K, sx, ls, y, ldy);
     } else {
         for (int64_t i = 0; i < seg; i++)
-            for (int c = 0; c < nc; c++) tab[ri][cn[c] - 1](w, rowb, nb, seg, i, i + 1, x + cs[c] * K, K, sx + cs[c] * ls, ls, y + cs[c] * N, N);
+            for (int c = 0; c < nc; c++)
+                KERNEL(ri, c)(w, rowb, nb, seg, i, i + 1, x + cs[c] * K, K, sx + cs[c] * ls, ls, y + cs[c] * ldy, ldy);
     }
     if (n0 < N)
         for (int c = 0; c < nc; c++)
-            tab[0][cn[c] - 1](w + n0 * rowb, rowb, nb, 1, 0, N - n0, x + cs[c] * K, K, sx + cs[c] * ls, ls,
-                              y + cs[c] * N + n0, N);
+            KERNEL(0, c)(w + n0 * rowb, rowb, nb, 1, 0, N - n0, x + cs[c] * K, K, sx + cs[c] * ls, ls,
+                         y + cs[c] * ldy + n0, ldy);
+#undef KERNEL
 }
-#endif /* TP_GGUF_AVX2 */
+
+static void avx2_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    int64_t a, nr;
+    if (!thread_rows(j->N, t, n, &a, &nr)) return;
+    const int64_t ls = j->K / 32, rowb = j->K / j->qk * j->qb;
+    for (int64_t m0 = 0; m0 < j->M; m0 += GROUP) {
+        const int64_t mg = j->M - m0 < GROUP ? j->M - m0 : GROUP;
+        avx2_range(vec_tab(j->t), j->qk, j->qb, j->x + m0 * j->K, mg, j->K, j->sx + m0 * ls, j->w + a * rowb, nr,
+                   j->y + m0 * j->N + a, j->N, j->rr, j->mc);
+    }
+}
+#endif /* TP_GGUF_VEC */
 
 /* y (M, N) = x (M, K) @ dequant(w).T, w: N rows of K / qk blocks of type t.
  * rr, mc: the AVX2 plan (rows of W, rows of x per kernel; ignored by the
@@ -766,33 +936,25 @@ int tp_gguf_gemm(int t, const float *x, int64_t M, int64_t K, const uint8_t *w, 
     int qk, qb;
     deq_fn deq;
     if (!fmt_info(t, &qk, &qb, &deq) || M < 1 || N < 1 || K < 1 || K % qk) return -2;
-#ifdef TP_GGUF_AVX2
-    const rows_fn (*tab)[MAXMC] = avx2_tab(t);
-    const int ri = rr_index(rr);
-    if (ri < 0 || mc < 1 || mc > MAXMC || !tab[ri][mc - 1]) return -2;
-    for (int r = rr; r >= 1; r >>= 1) /* smaller R (tiny N) must have the chunk sizes too */
+    job_t j = {.t = t, .qk = qk, .qb = qb, .rr = rr, .mc = mc, .deq = deq, .x = x, .w = w, .y = y, .M = M, .K = K,
+               .N = N};
+    const int64_t work = N * (K / qk) * qb;
+#ifdef TP_GGUF_VEC
+    const vec_tab_t tab = vec_tab(t);
+    if (rr_index(rr) < 0 || mc < 1 || mc > MAXMC) return -2;
+    /* every kernel a thread's range may need: any R <= rr, any chunk size <= mc */
+    for (int r = rr; r >= 1; r >>= 1)
         for (int c = 1; c <= mc; c++)
-            if (!tab[rr_index(r)][c - 1]) return -2;
-    /* sums of x over each 32 inputs (eight lanes side by side, then across) */
-    const int64_t ls = K / 32;
-    float *sx = (float *)malloc((size_t)(M * ls) * sizeof(float));
+            if (!tab[DOTMODE(rr, c)][rr_index(r)][c - 1]) return -2;
+    /* sums of x over each 32 inputs, once before the split */
+    float *sx = (float *)malloc((size_t)(M * (K / 32)) * sizeof(float));
     if (!sx) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < ls; g++) {
-            const float *p = x + m * K + 32 * g;
-            const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                                           _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
-            sx[m * ls + g] = hsum8(s);
-        }
-    for (int64_t m0 = 0; m0 < M; m0 += GROUP) {
-        const int64_t mg = M - m0 < GROUP ? M - m0 : GROUP;
-        avx2_group(tab, qk, qb, x + m0 * K, mg, K, sx + m0 * ls, w, N, y + m0 * N, rr, mc);
-    }
+    vec_sums32(x, M, K, sx);
+    j.sx = sx;
+    parallel_rows(avx2_job, &j, N, work);
     free(sx);
 #else
-    (void)rr;
-    (void)mc;
-    portable_gemm(deq, qk, qb, x, M, K, w, N, y);
+    parallel_rows(portable_job, &j, N, work);
 #endif
     return 0;
 }
@@ -980,6 +1142,9 @@ INLINE void i8_q4_1(const int RR, const int mg, const uint8_t *bp, int64_t ldr, 
     }
 }
 
+#ifdef TP_GGUF_AVX512
+#include "gguf_avx512.h" /* i8_k45 and i8_q6_k with 512-bit vectors and VNNI */
+#else
 /* Q4_K / Q5_K: 8 sub-blocks of 32 unsigned 4 (5) bit values, 6-bit scale and
  * minimum each; y += d dx sum_j sc_j (q_j . xq_j) - dmin dx sum_j mn_j s_j */
 INLINE void i8_k45(const int RR, const int mg, const int HB, const uint8_t *bp, int64_t ldr, const xq_t *X,
@@ -989,8 +1154,9 @@ INLINE void i8_k45(const int RR, const int mg, const int HB, const uint8_t *bp, 
 #pragma GCC unroll 4
     for (int r = 0; r < RR; r++) {
         const uint8_t *br = bp + r * ldr;
-        uint8_t sc[8], mn[8];
-        kscales(br + 4, sc, mn);
+        uint64_t sc8, mn8;
+        kscales64(br + 4, &sc8, &mn8);
+        const __m256i scv = _mm256_set1_epi64x((long long)sc8); /* scale j -> int16 words: one vpshufb */
         __m256i w[8], s16[8];
         const __m256i qh = HB ? ld32(br + 16) : b4;
 #pragma GCC unroll 4
@@ -1008,11 +1174,9 @@ INLINE void i8_k45(const int RR, const int mg, const int HB, const uint8_t *bp, 
             }
             w[2 * c] = lo;
             w[2 * c + 1] = hi;
-            s16[2 * c] = _mm256_set1_epi16(sc[2 * c]);
-            s16[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1]);
+            s16[2 * c] = _mm256_shuffle_epi8(scv, _mm256_set1_epi16((short)(0x8000 | (2 * c))));
+            s16[2 * c + 1] = _mm256_shuffle_epi8(scv, _mm256_set1_epi16((short)(0x8000 | (2 * c + 1))));
         }
-        uint64_t mn8;
-        memcpy(&mn8, mn, 8);
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn8));
         const float d = f16(br), dmin = f16(br + 2);
 #pragma GCC unroll 2
@@ -1033,6 +1197,7 @@ INLINE void i8_k45(const int RR, const int mg, const int HB, const uint8_t *bp, 
         }
     }
 }
+#endif /* !TP_GGUF_AVX512 */
 INLINE void i8_q4_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b,
                     iacc_t acc, icorr_t corr) {
     (void)corr;
@@ -1044,6 +1209,7 @@ INLINE void i8_q5_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, 
     i8_k45(RR, mg, 1, bp, ldr, X, b, acc);
 }
 
+#ifndef TP_GGUF_AVX512
 /* Q6_K: 16 sub-blocks of 16 signed 6-bit values (less 32), int8 scale each;
  * vector i holds inputs 32 i .. 32 i + 31 (scales 2 i, 2 i + 1). */
 INLINE void i8_q6_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, const xq_t *X, int64_t b,
@@ -1088,6 +1254,8 @@ INLINE void i8_q6_k(const int RR, const int mg, const uint8_t *bp, int64_t ldr, 
         }
     }
 }
+
+#endif /* !TP_GGUF_AVX512 */
 
 /* Rows i0..i1-1 of each of RR slices against mg (<= 16) rows of x; MG1: mg
  * is 1, known at compile time (the accumulators stay in registers). */
@@ -1156,52 +1324,68 @@ int tp_gguf_quantize_x(int t, const float *x, int64_t M, int64_t K, int8_t *q, f
     int qk, qb;
     deq_fn deq;
     if (!fmt_info(t, &qk, &qb, &deq) || M < 1 || K < 1 || K % qk) return -2;
-#ifdef TP_GGUF_AVX2
-    quantize_x_avx2(x, M, K, qk, q, d, s);
+#ifdef TP_GGUF_VEC
+    vec_quantize_x(x, M, K, qk, q, d, s);
 #else
     quantize_x_scalar(x, M, K, qk, q, d, s);
 #endif
     return qk;
 }
 
-/* y (M, N) = xq @ dequant(w).T with x quantized per block to int8 (above).
+#ifdef TP_GGUF_VEC
+/* The int8 kernels on a thread's rows, cut into R slices as in avx2_range
+ * (their order of operations per element does not depend on RR). */
+static void i8_job(void *arg, int t, int n) {
+    const job_t *j = (const job_t *)arg;
+    int64_t a, nr;
+    if (!thread_rows(j->N, t, n, &a, &nr)) return;
+    const irows_fn(*tab)[2] = vec_i8_tab(j->t);
+    const int64_t K = j->K, N = j->N, nb = K / j->qk, rowb = nb * j->qb;
+    int R = j->rr;
+    while (R > 1 && nr < R) R >>= 1;
+    const int64_t seg = nr / R, n0 = R * seg;
+    const uint8_t *w = j->w + a * rowb;
+    for (int64_t m0 = 0; m0 < j->M; m0 += GROUP) {
+        const int mg = (int)(j->M - m0 < GROUP ? j->M - m0 : GROUP);
+        const xq_t X = {j->q + m0 * K, j->d + m0 * (K / j->qk), j->s + m0 * (K / 32), K};
+        float *y = j->y + m0 * N + a;
+        tab[rr_index(R)][mg == 1](w, rowb, nb, seg, 0, seg, &X, mg, y, N);
+        if (n0 < nr) tab[0][mg == 1](w + n0 * rowb, rowb, nb, 1, 0, nr - n0, &X, mg, y + n0, N);
+    }
+}
+#endif
+
+/* y (M, N) = xq @ dequant(w).T with x quantized per block to int8 (above),
+ * once before the threads split the rows.
  * rr: rows of W in flight (1, 2, 4; AVX2 only). Returns 0, -1 out of memory,
  * -2 bad arguments. The portable build applies its float kernels to xq. */
 int tp_gguf_gemm_i8(int t, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int rr) {
     int qk, qb;
     deq_fn deq;
     if (!fmt_info(t, &qk, &qb, &deq) || M < 1 || N < 1 || K < 1 || K % qk) return -2;
-    int8_t *q = (int8_t *)malloc((size_t)(M * K));
+    /* q 64-byte aligned: the AVX-512 kernels load 64 bytes of it at a time (K is a multiple of 32, so
+     * a 16-byte-aligned malloc would split every such load across two cache lines) */
+    void *qraw = malloc((size_t)(M * K) + 64);
+    int8_t *q = qraw ? (int8_t *)(((uintptr_t)qraw + 63) & ~(uintptr_t)63) : 0;
     float *d = (float *)malloc((size_t)(M * (K / 32)) * sizeof(float));
     int16_t *s = (int16_t *)malloc((size_t)(M * (K / 32)) * sizeof(int16_t));
     int rc = 0;
+    job_t j = {.t = t, .qk = qk, .qb = qb, .rr = rr, .deq = deq, .q = q, .d = d, .s = s, .w = w, .y = y, .M = M,
+               .K = K, .N = N};
+    const int64_t work = N * (K / qk) * qb;
     if (!q || !d || !s) {
         rc = -1;
         goto done;
     }
-#ifdef TP_GGUF_AVX2
-    {
-        const int ri = rr_index(rr);
-        if (ri < 0) {
-            rc = -2;
-            goto done;
-        }
-        quantize_x_avx2(x, M, K, qk, q, d, s);
-        const irows_fn(*tab)[2] = i8_tab(t);
-        const int64_t nb = K / qk, rowb = nb * qb;
-        int R = rr;
-        while (R > 1 && N < R) R >>= 1;
-        const int64_t seg = N / R, n0 = R * seg;
-        for (int64_t m0 = 0; m0 < M; m0 += GROUP) {
-            const int mg = (int)(M - m0 < GROUP ? M - m0 : GROUP);
-            const xq_t X = {q + m0 * K, d + m0 * (K / qk), s + m0 * (K / 32), K};
-            tab[rr_index(R)][mg == 1](w, rowb, nb, seg, 0, seg, &X, mg, y + m0 * N, N);
-            if (n0 < N) tab[0][mg == 1](w + n0 * rowb, rowb, nb, 1, 0, N - n0, &X, mg, y + m0 * N + n0, N);
-        }
+#ifdef TP_GGUF_VEC
+    if (rr_index(rr) < 0) {
+        rc = -2;
+        goto done;
     }
+    vec_quantize_x(x, M, K, qk, q, d, s);
+    parallel_rows(i8_job, &j, N, work);
 #else
     {
-        (void)rr;
         float *xq = (float *)malloc((size_t)(M * K) * sizeof(float));
         if (!xq) {
             rc = -1;
@@ -1209,12 +1393,13 @@ int tp_gguf_gemm_i8(int t, const float *x, int64_t M, int64_t K, const uint8_t *
         }
         quantize_x_scalar(x, M, K, qk, q, d, s);
         xq_float(q, d, M, K, qk, xq);
-        portable_gemm(deq, qk, qb, xq, M, K, w, N, y);
+        j.x = xq;
+        parallel_rows(portable_job, &j, N, work);
         free(xq);
     }
 #endif
 done:
-    free(q);
+    free(qraw);
     free(d);
     free(s);
     return rc;

@@ -12,8 +12,9 @@ API:
   -> float32 (M, N) = ``x @ dequantize_rows(blocks, qtype, k).T``.
 * :func:`dequantize_rows`: float32 (N, k), bitwise what
   ``gguf.quants.dequantize`` gives (the C code repeats its float32 steps).
-* :func:`block_shape`, :func:`kernel_name` (what runs here: ``"avx2"``,
-  ``"portable"``, ``"torch"`` where nothing compiles; for CUDA tensors
+* :func:`block_shape`, :func:`kernel_name` (what runs here: ``"avx512"``, ``"avx2"``,
+  ``"neon"`` / ``"neon-dotprod"`` (AArch64), ``"portable"``, ``"torch"``
+  where nothing compiles; for CUDA tensors
   ``"triton"``: :mod:`.triton_gguf` decodes the blocks inside the matmul, for
   its formats (Q8_0, Q4_K, Q6_K); ``"torch-dequant"`` otherwise: dequantize
   the whole weight on the GPU at every call, then torch's matmul, with a
@@ -22,13 +23,24 @@ API:
 CPU kernels (``gguf_gemm.c``, compiled at first use by
 :func:`tp_engine.native.compile_shared`, cached): with AVX2 + FMA + F16C each
 block is decoded once into registers and applied to up to 16 rows of x, the
-weight rows read as a few sequential streams; otherwise a portable C build
-(decode a block into an L1 buffer, dot it with the rows of x). Both release
-the GIL (ctypes) and run on the calling thread. For large M (prefill) the
-call dequantizes a band of rows and hands it to torch's matmul instead; see
+weight rows read as a few sequential streams; where the CPU also has AVX-512
+F/BW/VL/DQ/VNNI (asked at run time: a second library, ``kernel_name()`` says
+``"avx512"``) Q4_K / Q5_K / Q6_K get 512-bit kernels (``gguf_avx512.h``:
+int8 activations with VNNI, bitwise the AVX2 results; ``gguf_avx512_f32.h``:
+float32 at M = 1, within float32 rounding), the other formats the AVX2
+code; on AArch64 the NEON kernels
+(``gguf_neon.h``, ``-DTP_GGUF_NEON``) do the same with 4-lane vectors, and
+int8 activations' dot products with sdot where the CPU has the dot-product
+extension (asked at run time; ``kernel_name()`` says ``"neon-dotprod"``);
+otherwise a portable C build
+(decode a block into an L1 buffer, dot it with the rows of x). All release
+the GIL (ctypes) and split the N output rows over :mod:`.threads`' pool
+(dequantize_rows too), bitwise the same for any thread count. For large M
+(prefill) the call dequantizes a band of rows and hands it to torch's
+matmul instead; see
 :data:`DEQUANT_MIN_ROWS` for the measured switch.
 
-``TP_ENGINE_GGUF_KERNEL=portable`` (or ``torch``) forces a slower path, for
+``TP_ENGINE_GGUF_KERNEL=avx2`` (or ``portable``, ``torch``) forces a slower path, for
 tests and comparisons; the ``kernel=`` argument does the same per call.
 A forced or fallback path is logged as a warning once: never a silent slow path.
 
@@ -36,13 +48,15 @@ Activations (``activations=`` per call, or ``TP_ENGINE_GGUF_ACTIVATIONS``;
 default :data:`DEFAULT_ACTIVATIONS`): ``"float32"`` keeps x as it is (the
 result is within float32 rounding of the exact product); ``"int8"`` rounds
 each row of x per block of 32 inputs (256 for the K-quants) to int8 with a
-float scale dx = max|x| / 127, as llama.cpp does, and the AVX2 kernels then
+float scale dx = max|x| / 127, as llama.cpp does, and the AVX2 / NEON kernels then
 take integer dot products per block (much less work per weight at M = 1).
 Its result is the exact product with the rounded x, up to float32 rounding;
 against the exact x @ W.T the error per block is at most dx / 2 * sum |w|.
-int8 applies to the direct CPU kernels (M < :data:`DEQUANT_MIN_ROWS`); the
-prefill path and CUDA keep float32 activations (there the float GEMM is the
-fast path). The portable and torch kernels compute the same rounded product
+int8 applies to the direct CPU kernels: at every M with the x86 kernels
+(:data:`INT8_PREFILL_KERNELS`: there the int8 kernels beat dequantize + GEMM
+even at M = 512), below :data:`DEQUANT_MIN_ROWS` elsewhere (NEON, not
+measured; above it the float prefill path runs); CUDA keeps float32
+activations. The portable and torch kernels compute the same rounded product
 in float.
 """
 from __future__ import annotations
@@ -61,7 +75,7 @@ from typing import Any
 import torch
 
 from ..native import compile_shared
-from . import triton_available
+from . import threads, triton_available
 
 __all__ = [
     "DEQUANT_MIN_ROWS",
@@ -90,7 +104,7 @@ _NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14
 SUPPORTED: frozenset[int] = frozenset(_BLOCKS)
 
 KERNEL_ENV = "TP_ENGINE_GGUF_KERNEL"  # "portable" or "torch": force that path (tests, comparisons)
-_KERNELS = ("avx2", "portable", "torch")
+_KERNELS = ("avx512", "avx2", "neon", "portable", "torch")
 ACTIVATIONS_ENV = "TP_ENGINE_GGUF_ACTIVATIONS"  # "int8" or "float32": the default for every call
 _ACTIVATIONS = ("float32", "int8")
 # The default activations (see the module docstring). float32 until greedy
@@ -114,6 +128,16 @@ INT8_ROWS = 4
 #   Q8_0  M=32 2925/3398  M=48 4622/4070  M=64 6087/4655
 # (benchmarks/gguf_gemm.py --prefill repeats it.)
 DEQUANT_MIN_ROWS = 48
+# Kernels whose int8-activation mode keeps the direct int8 kernels for any M
+# (groups of 16 rows of x per pass over W) instead of the float prefill path:
+# measured 2026-12-08 (benchmarks/gguf_gemm.py --prefill-int8; this 2-core Zen4 VM,
+# busy: load 7-8), 1 thread, wall ms, dequant + GEMM / int8 AVX-512 / int8 AVX2:
+#   Q4_K 1536x1536  M=64 9.4/2.8/6.4    M=128 13.1/5.3/11.4   M=512 54.6/29.9/43.1
+#   Q4_K 8960x1536  M=64 29.2/14.5/24.3 M=128 69.6/41.7/56.2  M=512 358/190/235
+#   Q6_K 1536x8960  M=64 98/29/41       M=128 196/57/70       M=512 661/229/331
+# (2 threads: the same order, by more.) Float activations keep dequant + GEMM
+# for M >= DEQUANT_MIN_ROWS (its float32 sums are the exact mode's).
+INT8_PREFILL_KERNELS = frozenset({"avx512", "avx2"})
 _BAND_BYTES = 1 << 20  # float32 rows dequantized per band for that path (~L2 size)
 
 # Register plans (rows of W, rows of x per kernel) per M (<= 16, per group of
@@ -140,11 +164,23 @@ def _check_qtype(qtype: Any) -> int:
 # ------------------------------------------------------------------ the native libraries
 
 _C_SOURCE = Path(__file__).with_name("gguf_gemm.c")
-_ABI = 2
+_ABI = 4
 # -std=c11 keeps FMA contraction off in the scalar code (dequantize_rows must
 # repeat gguf-py's float32 steps); the vector code states its FMAs.
 _FLAGS = {
     "avx2": ["-O3", "-std=c11", "-mavx2", "-mfma", "-mf16c", "-DTP_GGUF_AVX2", "-fPIC", "-shared"],
+    # the AVX2 code plus 512-bit kernels for Q4_K, Q5_K, Q6_K (gguf_avx512.h: int8,
+    # VNNI vpdpwssd; gguf_avx512_f32.h: float32 dot mode); a separate library,
+    # loaded only where the CPU has these. Measured 2026-12-08 (2-core Zen4 VM,
+    # busy; the Q4_K_M file's tensors streamed from a 1 GiB ring, M = 1, 1 thread,
+    # thread CPU µs, avx2 / avx512, float32 then int8): Q4_K 1536x1536 180 / 154,
+    # 84 / 75; Q4_K 8960x1536 1062 / 894, 447 / 405; Q6_K 1536x8960 1537 / 1189,
+    # 830 / 663 (benchmarks/gguf_gemm.py --kernels avx2,avx512 --gguf FILE)
+    "avx512": ["-O3", "-std=c11", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mavx512vnni", "-DTP_GGUF_AVX2", "-DTP_GGUF_AVX512", "-fPIC", "-shared"],
+    # AArch64: baseline ARMv8-A (any 64-bit Arm); the sdot kernels carry their
+    # own target attribute and run where the CPU has the dot product
+    "neon": ["-O3", "-std=c11", "-DTP_GGUF_NEON", "-fPIC", "-shared"],
     "portable": ["-O3", "-std=c11", "-fPIC", "-shared"],
 }
 
@@ -166,12 +202,17 @@ def _cpu_flags() -> set[str] | None:
 
 
 def _build(kind: str) -> Any:
-    if kind == "avx2":
+    if kind in ("avx2", "avx512"):
         if platform.machine().lower() not in ("x86_64", "amd64"):
             raise RuntimeError(f"needs x86-64, this is {platform.machine()}")
         flags = _cpu_flags()
         if flags is not None and not {"avx2", "fma", "f16c"} <= flags:
             raise RuntimeError("this CPU lacks AVX2, FMA or F16C")
+        need = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+        if kind == "avx512" and flags is not None and not need <= flags:
+            raise RuntimeError(f"this CPU lacks {', '.join(sorted(need - flags))}")
+    if kind == "neon" and platform.machine().lower() not in ("aarch64", "arm64"):
+        raise RuntimeError(f"needs AArch64, this is {platform.machine()}")
     lib = ctypes.CDLL(str(compile_shared(_C_SOURCE, _FLAGS[kind])))
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name in ("tp_gguf_abi", "tp_gguf_is_avx2", "tp_gguf_cpu_ok"):
@@ -180,15 +221,20 @@ def _build(kind: str) -> Any:
     lib.tp_gguf_gemm.argtypes, lib.tp_gguf_gemm.restype = [i, p, i64, i64, p, i64, p, i, i], i
     lib.tp_gguf_gemm_i8.argtypes, lib.tp_gguf_gemm_i8.restype = [i, p, i64, i64, p, i64, p, i], i
     lib.tp_gguf_quantize_x.argtypes, lib.tp_gguf_quantize_x.restype = [i, p, i64, i64, p, p, p], i
+    lib.tp_gguf_is_neon.argtypes, lib.tp_gguf_is_neon.restype = [], i
+    lib.tp_gguf_set_pool.argtypes, lib.tp_gguf_set_pool.restype = [p], None
     if lib.tp_gguf_abi() != _ABI:
         raise RuntimeError(f"ABI {lib.tp_gguf_abi()} != {_ABI}")
-    if lib.tp_gguf_is_avx2() != (kind == "avx2") or not lib.tp_gguf_cpu_ok():
-        raise RuntimeError("this CPU lacks AVX2 or FMA")
+    if lib.tp_gguf_is_avx2() != {"avx2": 1, "avx512": 2}.get(kind, 0) or not lib.tp_gguf_cpu_ok():
+        raise RuntimeError("this CPU lacks AVX2 or FMA" + (" or AVX-512 F/BW/VL/DQ/VNNI" if kind == "avx512" else ""))
+    if (lib.tp_gguf_is_neon() > 0) != (kind == "neon"):
+        raise RuntimeError("not the NEON build")
+    lib.tp_gguf_set_pool(threads.run_pointer())  # None: every call on the calling thread
     return lib
 
 
 def _lib(kind: str) -> Any | None:
-    """The compiled library of ``kind`` ("avx2" / "portable"), or None where it cannot run here."""
+    """The compiled library of ``kind`` ("avx512" / "avx2" / "neon" / "portable"), or None where it cannot run here."""
     lib = _libs.get(kind, False)
     if lib is not False:
         return lib
@@ -209,7 +255,7 @@ def _default_kernel() -> str:
         if forced not in _KERNELS:
             raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of {', '.join(_KERNELS)}")
         return forced
-    for kind in ("avx2", "portable"):
+    for kind in ("avx512", "avx2", "neon", "portable"):
         if _lib(kind) is not None:
             return kind
     return "torch"
@@ -218,8 +264,11 @@ def _default_kernel() -> str:
 def kernel_name(device: str | torch.device = "cpu", qtype: int | None = None) -> str:
     """What :func:`gguf_matmul` runs for tensors on ``device``.
 
-    CPU: ``"avx2"`` (the fast kernels), ``"portable"`` (C without vector
-    intrinsics: no AVX2 here, or forced), ``"torch"`` (no C compiler:
+    CPU: ``"avx512"`` (the AVX2 kernels plus AVX-512 VNNI int8 kernels for
+    Q4_K / Q5_K / Q6_K, where the CPU has AVX-512 F/BW/VL/DQ/VNNI), ``"avx2"`` (the fast kernels), ``"neon"`` / ``"neon-dotprod"``
+    (AArch64; with the dot-product instructions for int8 activations;
+    ``kernel="neon"`` forces either), ``"portable"`` (C without vector
+    intrinsics: neither here, or forced), ``"torch"`` (no C compiler:
     dequantize with torch ops, then matmul). CUDA: ``"triton"`` where
     triton runs (for ``qtype`` if given: one of :mod:`.triton_gguf`'s
     formats), else ``"torch-dequant"``.
@@ -227,7 +276,10 @@ def kernel_name(device: str | torch.device = "cpu", qtype: int | None = None) ->
     dev = torch.device(device)
     if dev.type != "cpu":
         return _device_kernel(qtype, dev.type, None, _triton_runs(dev.type))[0]
-    return _default_kernel()
+    kind = _default_kernel()
+    if kind == "neon" and (lib := _lib("neon")) is not None and lib.tp_gguf_is_neon() == 2:
+        return "neon-dotprod"
+    return kind
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,7 +317,7 @@ def _device_kernel(qtype: int | None, device_type: str, kernel: str | None, trit
 def _warn_once(kind: str, why: str) -> None:
     if kind not in _warned:
         _warned.add(kind)
-        warnings.warn(f"gguf_gemm: running the {kind} path ({why}), slower than the AVX2 kernels",
+        warnings.warn(f"gguf_gemm: running the {kind} path ({why}), slower than the AVX2 / NEON kernels",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -283,7 +335,7 @@ def _resolve(kernel: str | None) -> tuple[str, Any]:
         raise RuntimeError(f"gguf_gemm: the {kind} kernels cannot run here ({_why_not.get(kind, 'unknown')})")
     if kind == "portable" and kernel is None:
         _warn_once("portable", f"forced by {KERNEL_ENV}" if os.environ.get(KERNEL_ENV)
-                   else f"no AVX2 kernels: {_why_not.get('avx2', 'unknown')}")
+                   else f"no AVX2 or NEON kernels: {_why_not.get('avx2', 'unknown')}; {_why_not.get('neon', 'unknown')}")
     return kind, lib
 
 
@@ -411,7 +463,7 @@ def gguf_matmul(
     """float32 (M, N) = ``x @ dequantize_rows(blocks, qtype, k).T`` for x float32 (M, k) contiguous.
 
     ``out``: a preallocated contiguous float32 (M, N) result (not overlapping
-    the inputs). ``kernel``: force "avx2" / "portable" / "torch" (tests and
+    the inputs). ``kernel``: force "avx512" / "avx2" / "portable" / "torch" (tests and
     comparisons; default :func:`kernel_name`'s choice; "triton" runs
     :mod:`.triton_gguf`, on CPU tensors only under TRITON_INTERPRET=1, for tests). ``activations``:
     "float32" or "int8" (x rounded to int8 per block first; see the module
@@ -420,7 +472,8 @@ def gguf_matmul(
     qt, n, _ = _check_weight(blocks, qtype, k)
     m = _check_x(x, k, blocks.device)
     y = _check_out(out, m, n, blocks.device, (x, blocks))
-    int8 = activations_mode(activations) == "int8" and m < DEQUANT_MIN_ROWS
+    int8_mode = activations_mode(activations) == "int8"
+    int8 = int8_mode and m < DEQUANT_MIN_ROWS
     dev = blocks.device.type
     if dev != "cpu" or kernel == "triton":  # off the CPU (or forced): Triton, else dequantize + torch's matmul
         kind, why = _device_kernel(qt, dev, kernel, _triton_runs(dev))
@@ -433,6 +486,7 @@ def gguf_matmul(
         torch.matmul(x, dequantize_torch(blocks, qt, k).T, out=y)
         return y
     kind, lib = _resolve(kernel)
+    int8 = int8 or (int8_mode and kind in INT8_PREFILL_KERNELS)
     if lib is None:
         xe = _dequantize_activations(*quantize_activations(x, qt)) if int8 else x
         torch.matmul(xe, dequantize_torch(blocks, qt, k).T, out=y)
@@ -441,7 +495,7 @@ def gguf_matmul(
         _rc(lib.tp_gguf_gemm_i8(qt, x.data_ptr(), m, k, blocks.data_ptr(), n, y.data_ptr(), INT8_ROWS),
             "gguf_matmul")
         return y
-    if kind == "avx2" and m >= DEQUANT_MIN_ROWS:
+    if kind in ("avx512", "avx2", "neon") and m >= DEQUANT_MIN_ROWS:
         # prefill: decode each band of rows once and let torch's GEMM (which
         # blocks for caches) do the O(M N K) part
         band = max(1, _BAND_BYTES // (4 * k))
