@@ -1,8 +1,21 @@
-"""Serving under load: `tp-engine serve` at TP=1 and TP=2 against `transformers serve`, in one run.
+"""Serving under load: `tp-engine serve` at TP=1 and TP=2 against `transformers serve` or `llama-server`, in one run.
 
     python benchmarks/serve_load.py [--server tp-engine transformers] [--tp 1 2] [--concurrency 1 4 16 64]
         [--new-tokens 128] [--rounds 2] [--transformers-mode cb plain] [--draft int8] [--plot docs/serve_load.png]
         [--out rows.json]
+    python benchmarks/serve_load.py --model qwen2.5-coder-1.5b      # tp-engine serve vs llama-server on the GGUF
+        [--server tp-engine llama.cpp] [--tp 1 2] [--concurrency 1 4 16] [--activations int8]
+        [--llamacpp-threads 2] [--llamacpp-parallel 16] [--threads-per-rank N]
+
+``--model qwen2.5-coder-1.5b`` (the real Qwen2.5-Coder-1.5B-Instruct Q4_K_M file, ``make models``)
+compares ``tp-engine serve`` on that file (kept quantized; ``--nproc`` = each ``--tp``; threads per
+rank: ``--threads-per-rank``, default the machine's CPUs / TP, through ``--threads`` where the CLI has
+it and ``TP_ENGINE_THREADS``/``OMP_NUM_THREADS``; ``--activations`` sets
+``TP_ENGINE_GGUF_ACTIVATIONS`` and may list both, one configuration each) with llama.cpp's own
+``llama-server`` on the same file (``-t 2 -tb 2 --parallel 16``, a KV cache of 16 x the run's
+length; built once by benchmarks/llamacpp_build.sh), default levels 1, 4 and 16 clients. Both get
+the same streamed greedy requests with ``ignore_eos`` and ``stream_options.include_usage`` (llama-server
+takes both) and use the chat template of the file. transformers serve is not in this comparison.
 
 The model: the bundled SmolLM2-135M-Instruct (``tp_engine.loading.default_model_path()``, a Q4_1 GGUF).
 ``transformers serve`` cannot serve that file itself (transformers 5.23: the config it reads from GGUF
@@ -12,7 +25,7 @@ and BOTH servers load that folder: the same float32 weights, tokenizer and chat 
 
 Servers (a fresh one per configuration, stopped before the next starts):
 
-* ``tp-engine serve`` at each ``--tp`` (one torch thread per rank, ``--max-batch`` = the highest
+* ``tp-engine serve`` at each ``--tp`` (one thread per rank, or ``--threads-per-rank``, ``--max-batch`` = the highest
   concurrency, so no request waits for a batch place); with ``--draft int8`` each TP size runs a
   second time with speculative steps (the requests are greedy, so they all speculate);
 * ``transformers serve`` in one process with 2 torch threads (it gets both cores, as TP=2 does), in
@@ -73,6 +86,18 @@ PROMPTS = [
     "How do vaccines train the immune system?",
 ]
 TP_ENGINE_MODEL = "SmolLM2-135M-Instruct"
+GGUF_MODELS = ("qwen2.5-coder-1.5b",)  # --model choices besides the default (tp_engine.model_files names)
+
+
+class Setup:
+    """What the servers load and how tp-engine / llama-server are run (set once in main)."""
+
+    model = str(HF_FOLDER)  # tp-engine's --model
+    served = TP_ENGINE_MODEL
+    gguf: str | None = None  # llama-server's -m
+    llamacpp_bin = ""
+    llamacpp_threads = 2
+    llamacpp_parallel = 16
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -109,25 +134,44 @@ def export_hf_folder(folder: Path = HF_FOLDER) -> Path:
 class Config:
     """One server configuration: how to start it, and how to phrase a request for it."""
 
-    def __init__(self, kind: str, tp: int = 1, mode: str = "", draft: str | None = None):
-        self.kind, self.tp, self.mode, self.draft = kind, tp, mode, draft
+    def __init__(self, kind: str, tp: int = 1, mode: str = "", draft: str | None = None,
+                 activations: str | None = None, threads: int | None = None):
+        self.kind, self.tp, self.mode, self.draft, self.activations = kind, tp, mode, draft, activations
+        self.threads = threads  # tp-engine threads per rank (None: the launcher's default)
 
     @property
     def name(self) -> str:
         if self.kind == "tp-engine":
-            return f"tp-engine TP={self.tp}" + (f" {self.draft} draft" if self.draft else "")
+            threads = f" x {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""
+            return (f"tp-engine TP={self.tp}{threads}" + (f" {self.activations}" if self.activations else "")
+                    + (f" {self.draft} draft" if self.draft else ""))
+        if self.kind == "llama.cpp":
+            return f"llama-server -t {Setup.llamacpp_threads} --parallel {Setup.llamacpp_parallel}"
         return f"transformers serve ({self.mode})"
 
     def command(self, port: int, max_batch: int, max_len: int) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         if self.kind == "tp-engine":
             env["OMP_NUM_THREADS"] = "1"
-            cmd = [sys.executable, "-m", "tp_engine", "serve", "--model", str(HF_FOLDER), "--served-model-name",
-                   TP_ENGINE_MODEL, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_batch)]
+            cmd = [sys.executable, "-m", "tp_engine", "serve", "--model", Setup.model, "--served-model-name",
+                   Setup.served, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_batch)]
+            if self.threads:
+                from vs_llamacpp import threads_args, tp_engine_env
+
+                env.update(tp_engine_env(self.threads))
+                cmd += threads_args(self.threads, "serve")
+            if self.activations:
+                env["TP_ENGINE_GGUF_ACTIVATIONS"] = self.activations
             if self.tp > 1:
                 cmd += ["--nproc", str(self.tp)]
             if self.draft:
                 cmd += ["--draft", self.draft]
+            return cmd, env
+        if self.kind == "llama.cpp":
+            t, par = Setup.llamacpp_threads, Setup.llamacpp_parallel
+            cmd = [Setup.llamacpp_bin, "-m", str(Setup.gguf), "--host", "127.0.0.1", "--port", str(port),
+                   "-t", str(t), "-tb", str(t), "--parallel", str(par), "-c", str(par * max_len),
+                   "--alias", Setup.served, "--no-webui"]
             return cmd, env
         env["OMP_NUM_THREADS"] = "2"  # the whole machine (2 cores), as tp-engine's TP=2 gets
         cmd = [str(Path(sys.executable).with_name("transformers")), "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -141,8 +185,8 @@ class Config:
 
     def request(self, prompt: str, new_tokens: int) -> dict:
         body = dict(messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0, stream=True)
-        if self.kind == "tp-engine":
-            return dict(body, model=TP_ENGINE_MODEL, stream_options={"include_usage": True},
+        if self.kind in ("tp-engine", "llama.cpp"):  # llama-server takes ignore_eos and include_usage too
+            return dict(body, model=Setup.served, stream_options={"include_usage": True},
                         extra_body={"ignore_eos": True})
         gen = {"do_sample": False, "eos_token_id": -1, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
         return dict(body, model=str(HF_FOLDER), extra_body={"generation_config": json.dumps(gen)})
@@ -307,13 +351,24 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--server", nargs="+", choices=["tp-engine", "transformers"], default=["tp-engine", "transformers"])
+    parser.add_argument("--model", choices=("smollm2",) + GGUF_MODELS, default="smollm2",
+                        help="smollm2 (default): the bundled model as float32 for tp-engine vs transformers serve; "
+                             "qwen2.5-coder-1.5b: its Q4_K_M file for tp-engine vs llama-server")
+    parser.add_argument("--server", nargs="+", choices=["tp-engine", "transformers", "llama.cpp"], default=None,
+                        help="default: tp-engine transformers (smollm2), tp-engine llama.cpp (a GGUF --model)")
+    parser.add_argument("--activations", nargs="+", choices=["float32", "int8"], default=None,
+                        help="tp-engine's GGUF activations (one configuration each; default: the engine's default)")
+    parser.add_argument("--threads-per-rank", type=int, default=None,
+                        help="tp-engine threads per rank (default: 1 for smollm2, CPUs / TP for a GGUF --model)")
+    parser.add_argument("--llamacpp-threads", type=int, default=2)
+    parser.add_argument("--llamacpp-parallel", type=int, default=16)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tp-engine ranks (one configuration each)")
     parser.add_argument("--transformers-mode", nargs="+", choices=["cb", "plain"], default=["cb", "plain"],
                         help="transformers serve with --continuous-batching (cb) and/or without (plain); default both")
     parser.add_argument("--draft", choices=["int8", "int4"], default=None,
                         help="also run each tp-engine TP size with --draft (speculative steps for the greedy requests)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="default: 1 4 16 64 (smollm2), 1 4 16 (a GGUF --model)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--plain-max-concurrency", type=int, default=16,
@@ -325,13 +380,41 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     parser.add_argument("--plot", default=None, help="write the plot here (the full run: docs/serve_load.png)")
     args = parser.parse_args()
+    gguf = args.model in GGUF_MODELS
+    if args.server is None:
+        args.server = ["tp-engine", "llama.cpp"] if gguf else ["tp-engine", "transformers"]
+    if args.concurrency is None:
+        args.concurrency = [1, 4, 16] if gguf else [1, 4, 16, 64]
+    if gguf and "transformers" in args.server:
+        parser.error("--server transformers serves the float32 SmolLM2 folder only (not with a GGUF --model)")
+    if not gguf and "llama.cpp" in args.server:
+        parser.error("--server llama.cpp needs a GGUF --model (e.g. --model qwen2.5-coder-1.5b)")
     if min(args.concurrency) < 1 or args.new_tokens < 2 or args.rounds < 1:
         parser.error("--concurrency, --rounds must be >= 1 and --new-tokens >= 2")
 
-    export_hf_folder()
-    configs = [Config("tp-engine", tp, draft=d) for tp in args.tp for d in [None] + [args.draft] * bool(args.draft)
-               if "tp-engine" in args.server]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if gguf:
+        sys.path.insert(0, str(ROOT))
+        from tp_engine.model_files import locate
+
+        Setup.model = Setup.gguf = str(locate(args.model))
+        Setup.served = args.model
+        if "llama.cpp" in args.server:
+            from vs_llamacpp import llamacpp_binary
+
+            Setup.llamacpp_bin = str(llamacpp_binary("llama-server"))
+            Setup.llamacpp_threads, Setup.llamacpp_parallel = args.llamacpp_threads, args.llamacpp_parallel
+    else:
+        export_hf_folder()
+    configs = []
+    for tp in args.tp if "tp-engine" in args.server else []:
+        # explicit, as the launcher's default is now one thread per core of the rank's CPUs
+        threads = args.threads_per_rank or (max(1, (os.cpu_count() or 1) // tp) if gguf else 1)
+        for act in args.activations or [None]:
+            for d in [None] + [args.draft] * bool(args.draft):
+                configs.append(Config("tp-engine", tp, draft=d, activations=act, threads=threads))
     configs += [Config("transformers", mode=m) for m in args.transformers_mode if "transformers" in args.server]
+    configs += [Config("llama.cpp")] if "llama.cpp" in args.server else []
     max_batch, max_len = max(args.concurrency), 128 + args.new_tokens  # the prompts are < 64 tokens with the template
     rows, first_text, agree = [], None, {}
     log_dir = ROOT / "benchmarks" / "out"
@@ -359,7 +442,8 @@ def main() -> None:
         finally:
             stop_server(proc)
             log.close()
-    title = (f"SmolLM2-135M-Instruct (float32), {args.new_tokens} tokens per request, {args.rounds} request(s) per client, "
+    what = f"{Path(Setup.gguf).name} (GGUF)" if gguf else "SmolLM2-135M-Instruct (float32)"
+    title = (f"{what}, {args.new_tokens} tokens per request, {args.rounds} request(s) per client, "
              f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores")
     print(f"\n{title}\n")
     print("| server | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
