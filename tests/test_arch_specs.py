@@ -69,6 +69,14 @@ def _falcon(**kw):
     return _config(dict(hidden_size=64, num_attention_heads=4), kw)
 
 
+def _falcon_grouped_cache_heads() -> str:
+    """What the Falcon-40B layout caches: transformers 5.23 broadcasts K/V to the Q heads before the
+    cache (its ``FalconAttention._split_heads``); 5.25's attention refactor caches the KV heads (GQA)."""
+    from transformers.models.falcon import modeling_falcon
+
+    return "q" if hasattr(modeling_falcon.FalconAttention, "_split_heads") else "kv"
+
+
 def _gptj(**kw):
     return _config(dict(n_embd=64, n_head=4, rotary_dim=8, n_positions=64), kw)
 
@@ -114,12 +122,12 @@ CASES: dict[str, Case] = {
     "falcon-new-arch-tp2": Case(
         "FalconConfig", "FalconForCausalLM",
         _falcon(hidden_size=128, num_attention_heads=8, new_decoder_architecture=True, num_kv_heads=2), 2,
-        cache_heads="q", reduces_per_layer=1,
+        cache_heads=_falcon_grouped_cache_heads(), reduces_per_layer=1,
     ),
     "falcon-new-arch-tp3": Case(
         "FalconConfig", "FalconForCausalLM",
         _falcon(hidden_size=128, num_attention_heads=8, new_decoder_architecture=True, num_kv_heads=2), 3,
-        cache_heads="q", reduces_per_layer=1,
+        cache_heads=_falcon_grouped_cache_heads(), reduces_per_layer=1,
     ),
     # Falcon without multi-query and without parallel attention: per-head [q|k|v], sequential block.
     "falcon-mha-sequential-tp3": Case(

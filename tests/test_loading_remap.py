@@ -5,6 +5,8 @@
   writes one 2-D tensor per expert and projection. Each rank builds its
   shard of the fused parameter from its rows/columns of every expert tensor.
 * GPT-2 Hub checkpoints name tensors without the ``transformer.`` prefix.
+* GPT-NeoX / Pythia: the model's ``lm_head`` is ``embed_out`` in the files
+  (the Hub's, and what transformers' own ``save_pretrained`` writes).
 
 Parity is against transformers' own ``from_pretrained`` of the same folder:
 logits within 1e-4 (float32), 16 greedy tokens identical, at TP=2 and an
@@ -45,6 +47,9 @@ MODELS = {
         moe_intermediate_size=40, shared_expert_intermediate_size=56, num_experts=4, num_experts_per_tok=2,
         decoder_sparse_step=1, mlp_only_layers=[1])),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_head=4, n_positions=64, bos_token_id=256, eos_token_id=256)),
+    # untied (the default), so the head really is read from embed_out
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        hidden_size=64, num_attention_heads=4, intermediate_size=128, tie_word_embeddings=False)),
 }
 
 # case -> (model, world, shares)
@@ -55,6 +60,8 @@ CASES = {
     "qwen2_moe-shares-3-1": ("qwen2_moe", 2, (3, 1)),
     "gpt2-unprefixed-tp2": ("gpt2", 2, None),
     "gpt2-unprefixed-tp3": ("gpt2", 3, None),
+    "gpt_neox-embed_out-tp1": ("gpt_neox", 1, None),
+    "gpt_neox-embed_out-tp2": ("gpt_neox", 2, None),
 }
 
 
@@ -186,12 +193,14 @@ def test_matches_transformers(case, folders):
     elif model == "qwen2_moe":
         assert "model.layers.0.mlp.experts.3.up_proj.weight" in shapes
         assert not any("gate_up_proj" in k for k in shapes)
+    elif model == "gpt_neox":
+        assert "embed_out.weight" in shapes and "lm_head.weight" not in shapes
     else:
         assert "h.0.attn.c_attn.weight" in shapes and not any(k.startswith("transformer.") for k in shapes)
 
     logits, generated = _reference(path)
-    if model == "gpt2":  # transformers itself loaded the files (did not leave random weights)
-        original = _build("gpt2")
+    if model in ("gpt2", "gpt_neox"):  # transformers itself loaded the files (did not leave random weights)
+        original = _build(model)
         with torch.no_grad():
             assert torch.equal(original(PROMPT).logits, logits)
 
@@ -305,3 +314,10 @@ def test_missing_expert_fails_on_every_rank(folders, tmp_path):
         assert error[0] == "ValueError", error
         assert f"checkpoint has no tensor '{missing}'" in error[1], error[1]
         assert "expert 2 of the 4 in 'model.layers.1.mlp.experts.gate_up_proj'" in error[1], error[1]
+
+
+def test_anchored_rename_only_at_the_start():
+    """``^embed_out.`` (GPT-NeoX's head) renames the name's start, never the same words deeper in."""
+    assert loading._rename("embed_out.weight", "^embed_out.", "lm_head.") == "lm_head.weight"
+    assert loading._rename("gpt_neox.embed_out.weight", "^embed_out.", "lm_head.") == "gpt_neox.embed_out.weight"
+    assert loading._rename("a.block_sparse_moe.b", ".block_sparse_moe.", ".mlp.") == "a.mlp.b"

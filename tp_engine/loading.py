@@ -348,6 +348,14 @@ def _same_tensor(checkpoint, a: str, b: str) -> bool:
     return True
 
 
+def _rename(name: str, old: str, new: str) -> str:
+    """``name`` with ``old`` replaced by ``new``; an ``old`` starting with ``^`` only at the start."""
+    if old.startswith("^"):
+        head = old[1:]
+        return new + name[len(head) :] if name.startswith(head) else name
+    return name.replace(old, new)
+
+
 class _NameResolver:
     """Model-side tensor names -> checkpoint tensor names, as transformers maps them.
 
@@ -368,7 +376,7 @@ class _NameResolver:
         for name in checkpoint.shapes:
             renamed = name
             for old, new in renames:
-                renamed = renamed.replace(old, new)
+                renamed = _rename(renamed, old, new)
             self.view.setdefault(renamed, []).append(name)
         for renamed, names in self.view.items():
             names.sort(key=lambda n: n != renamed)  # a name that needed no renaming first

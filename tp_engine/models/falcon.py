@@ -9,8 +9,10 @@ Checked against transformers 5.x ``modeling_falcon.py``:
   [its Q heads | K | V], the ``grouped`` layout; the module views the local
   output as (-1, num_heads // num_kv_heads + 2, head_dim), which holds
   because the planner gives every local KV head the same number of local Q
-  heads. Keys and values are broadcast to the Q heads before the cache, so
-  the cache holds one entry per local Q head.
+  heads. In transformers 5.23 keys and values are broadcast to the Q
+  heads before the cache (one entry per local Q head); from 5.25 the module
+  views the output as (num_kv_heads, -1, head_dim) and caches the local KV
+  heads, repeated by ``num_key_value_groups`` (which sharding sets per rank).
 * neither: per head [q | k | v], the ``grouped`` layout with groups of one.
 
 ``parallel_attn`` and the new architecture compute attention and MLP from

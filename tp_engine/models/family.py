@@ -37,7 +37,9 @@ class CheckpointLayout:
     """How one family's checkpoint names differ from its parameters.
 
     ``renames``: (checkpoint substring, model substring) pairs applied to every
-    checkpoint name, in order. ``stacks``: fused parameters a checkpoint may
+    checkpoint name, in order; an old part starting with ``^`` matches only at
+    the start of the name (transformers' ``^embed_out\\.``: a rename that must
+    not hit the same words deeper in a name). ``stacks``: fused parameters a checkpoint may
     store per expert (used when the fused tensor itself is absent).
     """
 

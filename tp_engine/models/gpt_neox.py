@@ -10,7 +10,7 @@ both read the layer input and are added together: one all-reduce per layer.
 """
 from typing import Any
 
-from .family import Family
+from .family import CheckpointLayout, Family
 from .spec import ArchSpec
 
 GPT_NEOX_LAYOUT = ArchSpec(
@@ -32,4 +32,9 @@ def _for_config(config: Any) -> ArchSpec:
     return GPT_NEOX_LAYOUT.replace(parallel_block=bool(getattr(config, "use_parallel_residual", True)))
 
 
-FAMILIES = {"gpt_neox": Family(GPT_NEOX_LAYOUT.replace(specialize=_for_config))}
+# transformers 5.x names the output head ``lm_head``, but Pythia's Hub files and transformers' own
+# save_pretrained (which reverses its load-time rename) store it as ``embed_out``:
+# conversion_mapping.py's ``WeightRenaming("^embed_out\\.", "lm_head.")`` for GPTNeoXForCausalLM.
+GPT_NEOX_CHECKPOINT = CheckpointLayout(renames=(("^embed_out.", "lm_head."),))
+
+FAMILIES = {"gpt_neox": Family(GPT_NEOX_LAYOUT.replace(specialize=_for_config), GPT_NEOX_CHECKPOINT)}

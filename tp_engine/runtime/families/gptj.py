@@ -4,10 +4,13 @@ Checked against transformers 5.x ``modeling_gptj.py``: per block
 ``x + out_proj(attn(ln_1(x))) + fc_out(act(fc_in(ln_1(x))))``, then ``ln_f``
 and an LM head with a bias. q/k/v/out_proj have no bias. Rotary embedding
 rotates the first ``rotary_dim`` dims of each head in pairs of adjacent dims
-(rotate_every_two) with the attention module's ``embed_positions`` buffer
-([sin | cos] per position), repeat-interleaved as HF does. The attention
-scale is ``1 / sqrt(head_dim)``; as in HF, 16-bit models compute the scores
-from float32 q and k.
+(rotate_every_two) with the ``embed_positions`` buffer ([sin | cos] per
+position), repeat-interleaved as HF does. The buffer is each attention
+module's in transformers 5.23 and the model's ``rotary_emb`` module's
+from 5.25 (same formula, same values): both are read. The attention scale is
+``1 / sqrt(head_dim)`` (``scale_attn`` divides in 5.23, ``scaling``
+multiplies from 5.25); as in HF's eager attention, 16-bit models compute the
+scores from float32 q and k.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
     rd = int(rd)
     if rd % 2 or not 0 < rd <= hd:
         raise RuntimeUnsupported(f"gptj rotary_dim {rd} with head_dim {hd}")
-    table = first.embed_positions
+    table = _position_table(base, first)
 
     def source(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(pos.max()) + 1 if pos.numel() else 0
@@ -51,7 +54,7 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         attn, mlp = block.attn, block.mlp
         if int(attn.head_dim) != hd or int(attn.rotary_dim) != rd:
             raise RuntimeUnsupported(f"layer {i}: head_dim or rotary_dim differs from layer 0")
-        scaling = 1.0 / float(attn.scale_attn) if hasattr(attn, "scale_attn") else 1.0 / math.sqrt(hd)
+        scaling = _scaling(attn, hd)
         attention = separate_qkv_attention(
             ctx,
             attn,
@@ -66,6 +69,26 @@ def build(model: nn.Module, ctx: BuildContext) -> Parts:
         layers.append(biased_layer(ctx, norm_of(block.ln_1), attention, attn.out_proj, block_mlp, mlp.fc_out, parallel=True))
         kv_heads.append(attention.n_kv)
     return Parts(layers=layers, final_norm=norm_of(base.ln_f), kv_heads=kv_heads, head_dim=hd, ropes=[rope])
+
+
+def _position_table(base: nn.Module, attn: nn.Module) -> torch.Tensor:
+    """The [sin | cos] per position buffer: on the attention module (transformers 5.23) or on the
+    model's shared ``rotary_emb`` (5.25 moved it there with the attention refactor)."""
+    for owner in (attn, getattr(base, "rotary_emb", None)):
+        table = getattr(owner, "embed_positions", None) if owner is not None else None
+        if isinstance(table, torch.Tensor):
+            return table
+    raise RuntimeUnsupported("gptj: no embed_positions buffer on the attention or on transformer.rotary_emb "
+                             "(a transformers version whose GPT-J layout tp-engine does not know)")
+
+
+def _scaling(attn: nn.Module, head_dim: int) -> float:
+    """The factor q.k is multiplied by: 1 / ``scale_attn`` (5.23), ``scaling`` (5.25), else 1/sqrt(head_dim)."""
+    if hasattr(attn, "scale_attn"):
+        return 1.0 / float(attn.scale_attn)
+    if hasattr(attn, "scaling"):
+        return float(attn.scaling)
+    return 1.0 / math.sqrt(head_dim)
 
 
 def _sinusoids(num_pos: int, dim: int) -> torch.Tensor:
