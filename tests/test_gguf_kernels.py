@@ -293,10 +293,9 @@ def test_int8_matmul_against_float64_reference(qt, kernel):
             check_int8(G.gguf_matmul(xm, bt, int(qt), k, kernel=kernel, activations="int8"), xm, b, qt, k, kernel)
 
 
-@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
-def test_int8_extreme_blocks(qt):
-    """Largest integer products (all bytes 0x00 / 0xFF / 0x80, x at +-127 after rounding): no int16
-    saturation or int32 / float conversion loss in the AVX2 dot products."""
+def extreme_blocks(qt) -> tuple[np.ndarray, torch.Tensor, int]:
+    """(4 weight rows of all-0x00 / 0xFF / 0x80 / 0x7F blocks with small scales, 4 rows of x at
+    +-1 / alternating / 0,3, K): the largest integer products the int8 kernels meet."""
     qk, qb = gguf.GGML_QUANT_SIZES[qt]
     k = 2 * qk
     rows = []
@@ -307,6 +306,14 @@ def test_int8_extreme_blocks(qt):
         rows.append(raw.reshape(-1))
     b = np.stack(rows)
     x = torch.tensor([[1.0] * k, [-1.0] * k, [(-1.0) ** j for j in range(k)], [3.0 * (j % 2) for j in range(k)]])
+    return b, x, k
+
+
+@pytest.mark.parametrize("qt", FORMATS, ids=lambda q: q.name)
+def test_int8_extreme_blocks(qt):
+    """Largest integer products (all bytes 0x00 / 0xFF / 0x80, x at +-127 after rounding): no int16
+    saturation or int32 / float conversion loss in the AVX2 dot products."""
+    b, x, k = extreme_blocks(qt)
     for kernel in KERNELS:
         for m in (1, 4):
             xm = x[:m].contiguous()

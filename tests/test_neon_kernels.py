@@ -35,7 +35,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from test_gguf_kernels import FORMATS, T, _f16_bytes, check_int8, check_matmul, make_blocks  # noqa: E402
+from test_gguf_kernels import FORMATS, T, check_int8, check_matmul, extreme_blocks, make_blocks  # noqa: E402
 
 from tp_engine.kernels import gguf_gemm as G  # noqa: E402
 from tp_engine.native import cache_dir  # noqa: E402
@@ -164,16 +164,7 @@ def test_matmul_against_float64_reference(harness, qt, name):
 def test_int8_extreme_blocks(harness, qt, name):
     """All bytes 0x00 / 0xFF / 0x80 / 0x7F, x at +-127 after rounding: the largest integer products
     (smull pairs near the int16 limit, int32 lanes near 2^24) stay exact."""
-    qk, qb = gguf.GGML_QUANT_SIZES[qt]
-    k = 2 * qk
-    rows = []
-    for fill in (0x00, 0xFF, 0x80, 0x7F):
-        raw = np.full((k // qk, qb), fill, dtype=np.uint8)
-        for at in ([0, 2] if qt in (T.Q4_1, T.Q4_K, T.Q5_K) else [208] if qt == T.Q6_K else [0]):
-            raw[:, at:at + 2] = _f16_bytes(np.full(k // qk, 0.01 if fill != 0x80 else -0.01))
-        rows.append(raw.reshape(-1))
-    b = np.stack(rows)
-    x = torch.tensor([[1.0] * k, [-1.0] * k, [(-1.0) ** j for j in range(k)], [3.0 * (j % 2) for j in range(k)]])
+    b, x, k = extreme_blocks(qt)
     reqs = [(OP_GEMM_I8, qt, m, k, 4, rr, 0, x[:m].numpy(), b) for m in (1, 4) for rr in (1, 4)]
     reqs += [(OP_GEMM, qt, 4, k, 4, 2, 4, x.numpy(), b)]
     res = _run(harness, CPUS[name], reqs)
